@@ -1,0 +1,163 @@
+"""`r1kit <verb>`: thin command-line front end. With no verb, runs R1-Zero on the embedded default.
+
+    r1kit                                   # = r1kit zero (embedded configs/zero-tiny.yaml)
+    r1kit zero [CONFIG.yaml] [key=value ...] [--resume]
+    r1kit pretrain [CONFIG.yaml] [key=value ...]
+    r1kit generate --model PATH --prompt TEXT [--n 4 --temperature 0.6 ...]
+    r1kit eval --model PATH --benchmark NAME [...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+
+DEFAULT_CONFIG = "zero-tiny"
+
+
+def config_path(name_or_path: str | None) -> Path:
+    """A YAML path, or the name of an embedded config (r1kit/configs/<name>.yaml)."""
+    from r1kit.types import R1KitError
+
+    if name_or_path is None:
+        name_or_path = DEFAULT_CONFIG
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return p
+    embedded = resources.files("r1kit") / "configs" / f"{name_or_path}.yaml"
+    if embedded.is_file():
+        return Path(str(embedded))
+    names = sorted(x.name[:-5] for x in (resources.files("r1kit") / "configs").iterdir() if x.name.endswith(".yaml"))
+    raise R1KitError(f"config {name_or_path!r} is neither a YAML file nor an embedded config {names}")
+
+
+def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
+    """First positional that is not key=value is the config; the rest are overrides."""
+    cfg, overrides = None, []
+    for a in args:
+        if "=" in a:
+            overrides.append(a)
+        elif cfg is None:
+            cfg = a
+        else:
+            from r1kit.types import R1KitError
+
+            raise R1KitError(f"unexpected argument {a!r}: give one config file, then key=value overrides")
+    return cfg, overrides
+
+
+def _run_config(args: list[str]):
+    from r1kit.config import RunConfig, load_config
+
+    cfg_name, overrides = _split_config_args(args)
+    return load_config(RunConfig, config_path(cfg_name), overrides)
+
+
+def cmd_zero(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="r1kit zero", description="R1-Zero: pretrain the tiny base (if needed), GRPO, evaluate.")
+    ap.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    ap.add_argument("args", nargs="*", help="[CONFIG.yaml or embedded name] [key=value ...]")
+    ns = ap.parse_args(argv)
+    from r1kit.recipes.zero import run_zero
+
+    cfg = _run_config(ns.args)
+    summary = run_zero(cfg, resume=ns.resume)
+    b, f = summary["base"], summary["final"]
+    print(f"\nR1-Zero run {cfg.name!r} done in {summary['seconds']['total']:.0f}s -> {cfg.run_dir}")
+    print(f"  held-out pass@1   base {b.get('pass1', 0):.3f} -> final {f.get('pass1', 0):.3f}")
+    print(f"  cons@{cfg.eval.k}           base {b.get('cons', 0):.3f} -> final {f.get('cons', 0):.3f}")
+    print(f"  mean length       base {b.get('mean_length', 0):.1f} -> final {f.get('mean_length', 0):.1f} tokens")
+    print(f"  curves: {cfg.run_dir / 'curves.png'}")
+    return 0
+
+
+def cmd_pretrain(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="r1kit pretrain", description="Stage 0: pretrain the tiny base model.")
+    ap.add_argument("args", nargs="*", help="[CONFIG.yaml or embedded name] [key=value ...]")
+    ns = ap.parse_args(argv)
+    from r1kit.recipes.zero import base_dir, ensure_base_model
+
+    cfg = _run_config(ns.args)
+    if (base_dir(cfg) / "pretrain.json").exists():
+        print(f"base model already complete at {base_dir(cfg)}")
+    path = ensure_base_model(cfg, cfg.log.progress)
+    info = json.loads((path / "pretrain.json").read_text())
+    print(f"base model at {path}: {info['params']:,} parameters, {info['seconds']:.0f}s, final loss {info['log'][-1]['loss']:.3f}")
+    return 0
+
+
+def cmd_generate(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="r1kit generate", description="Sample completions from a model.")
+    ap.add_argument("--model", required=True, help="HF causal-LM folder")
+    ap.add_argument("--prompt", action="append", required=True, help="question (repeatable)")
+    ap.add_argument("--template", default="r1_zero", help="r1_zero | plain | none | a format string with {question}")
+    ap.add_argument("--n", type=int, default=1, help="samples per prompt")
+    ap.add_argument("--temperature", type=float, default=0.6)
+    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true", help="one JSON object per sample")
+    ns = ap.parse_args(argv)
+    import torch
+
+    from r1kit.engine import Engine
+    from r1kit.model import load_model
+    from r1kit.templates import parse_completion, render_prompt
+    from r1kit.trainers.grpo import decode_completions
+
+    model, tok = load_model(ns.model)
+    eng = Engine(model, eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
+    texts = [q if ns.template == "none" else render_prompt(q, ns.template) for q in ns.prompt]
+    ro = eng.generate([tok(t).input_ids for t in texts], group_size=ns.n, max_new_tokens=ns.max_new_tokens,
+                      temperature=ns.temperature, top_p=ns.top_p, generator=torch.Generator().manual_seed(ns.seed))
+    for i, c in enumerate(decode_completions(tok, ro)):
+        q = ns.prompt[i // ns.n]
+        if ns.json:
+            p = parse_completion(c)
+            print(json.dumps({"prompt": q, "sample": i % ns.n, "completion": c, "reasoning": p.think,
+                              "answer": p.answer, "tokens": int(ro.lengths[i]), "truncated": bool(ro.truncated[i])}))
+        else:
+            print(f"[{q} #{i % ns.n}]{c}")
+    return 0
+
+
+def cmd_eval(argv: list[str]) -> int:
+    from r1kit.evaluation.cli import main as eval_main
+
+    return eval_main(argv)
+
+
+VERBS = {"zero": cmd_zero, "pretrain": cmd_pretrain, "generate": cmd_generate, "eval": cmd_eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from r1kit.types import R1KitError
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    verb, rest = (argv[0], argv[1:]) if argv and argv[0] in VERBS else ("zero", argv)
+    if argv and verb == "zero" and argv[0] not in VERBS and not ("=" in argv[0] or argv[0].startswith("-") or argv[0].endswith((".yaml", ".yml"))):
+        print(f"r1kit: unknown command {argv[0]!r}; commands: {', '.join(VERBS)}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        return VERBS[verb](rest)
+    except R1KitError as e:
+        print(f"r1kit {verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nr1kit {verb}: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Recipes: whole jobs wired from configs (R1-Zero now; R1 multi-stage and distillation build on it)."""

@@ -1,0 +1,121 @@
+"""R1-Zero: RL straight from a base model with the R1-Zero template, no SFT.
+
+    stage 0  (`r1kit pretrain`) the tiny base model, pretrained from scratch on the synthetic corpus
+             (skipped when `model.path` names an existing model or the base folder is complete);
+    stage 1  GRPO with rule-based rewards only, held-out evaluation every `eval.every` steps;
+    final    held-out evaluation (pass@1 over k samples at T=0.6, cons@k) and the final HF model.
+
+Run folder: runs/<name>/{base/, config.yaml, metrics.jsonl, samples.jsonl, curves.png, checkpoints/,
+final/, eval_base/, eval_final/, summary.json}.
+"""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from r1kit.config import RunConfig, save_config
+from r1kit.corpus import build_corpus
+from r1kit.io import atomic_dir, atomic_write_json
+from r1kit.model import build_tiny_model, load_model, save_model, train_tokenizer
+from r1kit.tasks import make_task
+from r1kit.types import R1KitError
+
+EVAL_KEYS = ("pass1", "cons", "format_rate", "no_answer_rate", "reflection_rate", "mean_length")
+
+
+def setup_torch(cfg: RunConfig) -> None:
+    torch.manual_seed(cfg.seed)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+
+
+def base_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.pretrain.output_dir) if cfg.pretrain.output_dir else cfg.run_dir / "base"
+
+
+def ensure_base_model(cfg: RunConfig, show_progress: bool = True) -> Path:
+    """Stage 0: return the base model folder, pretraining it first when it is missing."""
+    if cfg.model.path:
+        return Path(cfg.model.path)
+    out = base_dir(cfg)
+    if (out / "config.json").exists() and (out / "pretrain.json").exists():
+        return out
+    from r1kit.trainers.pretrain import pretrain
+
+    setup_torch(cfg)
+    t0 = time.time()
+    task = make_task(cfg.task.name, **cfg.task.options)
+    rng = random.Random(cfg.seed)
+    p = cfg.pretrain
+    docs = build_corpus(task, p.corpus_docs, p.direct_frac, p.reflect_frac, cfg.task.template, rng)
+    tokenizer = train_tokenizer((d.prompt + d.completion for d in docs[:5000]), cfg.model.vocab_size)
+    model = build_tiny_model(cfg.model, tokenizer)
+    log = pretrain(model, tokenizer, docs, p, cfg.seed, show_progress=show_progress)
+    info = {"seconds": time.time() - t0, "params": sum(x.numel() for x in model.parameters()),
+            "docs": len(docs), "styles": {s: sum(d.style == s for d in docs) for s in ("direct", "worked", "reflect")},
+            "log": log}
+    with atomic_dir(out) as tmp:
+        save_model(model, tokenizer, tmp)
+        atomic_write_json(tmp / "pretrain.json", info)
+    return out
+
+
+def heldout_evaluator(cfg: RunConfig, tokenizer, task):
+    """A callable (engine, step) -> metrics for the trainer, over the fixed held-out problems."""
+    from r1kit.evaluation import evaluate_problems
+
+    problems = task.test_problems()[: cfg.eval.num_problems]
+    if not problems:
+        raise R1KitError(f"task {cfg.task.name!r} has no held-out problems to evaluate on")
+    e = cfg.eval
+
+    def evaluate(engine, step: int, out_dir: Path | None = None) -> dict[str, float]:
+        s = evaluate_problems(engine, tokenizer, problems, k=e.k, temperature=e.temperature, top_p=e.top_p,
+                              max_new_tokens=e.max_new_tokens, template=cfg.task.template, seed=cfg.seed + 7919,
+                              out_dir=out_dir)
+        d = s.to_dict()
+        return {k: float(d[k]) for k in EVAL_KEYS if k in d}
+
+    return evaluate
+
+
+def run_zero(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
+    """The whole R1-Zero job; returns the summary written to runs/<name>/summary.json."""
+    from r1kit.engine import Engine
+    from r1kit.trainers.grpo import GRPOTrainer
+
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    t0 = time.time()
+    base = ensure_base_model(cfg, cfg.log.progress)
+    t_base = time.time() - t0
+    setup_torch(cfg)
+    model, tokenizer = load_model(base, cfg.model.dtype)
+    ref = load_model(base, cfg.model.dtype)[0].eval() if cfg.grpo.beta > 0 else None
+    task = make_task(cfg.task.name, **cfg.task.options)
+    evaluate = heldout_evaluator(cfg, tokenizer, task)
+    base_eval = evaluate(Engine(model, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id),
+                         0, run_dir / "eval_base")
+    results: dict[int, dict[str, float]] = {}
+
+    def evaluate_during_rl(engine, step: int) -> dict[str, float]:
+        # the last step's evaluation is the final one: keep its samples and reports
+        results[step] = evaluate(engine, step, run_dir / "eval_final" if step == cfg.grpo.steps else None)
+        return results[step]
+
+    trainer = GRPOTrainer(cfg, model, tokenizer, task, run_dir, ref_model=ref, evaluate=evaluate_during_rl)
+    t1 = time.time()
+    trainer.train(resume=resume, initial_metrics={f"eval/{k}": v for k, v in base_eval.items()})
+    t_rl = time.time() - t1
+    final_eval = results.get(trainer.step_idx) or evaluate(trainer.engine, trainer.step_idx, run_dir / "eval_final")
+    with atomic_dir(run_dir / "final") as tmp:
+        save_model(model, tokenizer, tmp)
+    summary = {"name": cfg.name, "seed": cfg.seed, "base_model": str(base), "base": base_eval, "final": final_eval,
+               "seconds": {"pretrain": t_base, "rl": t_rl, "total": time.time() - t0}, "steps": trainer.step_idx}
+    atomic_write_json(run_dir / "summary.json", summary)
+    return summary

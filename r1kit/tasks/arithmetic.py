@@ -1,0 +1,145 @@
+"""Synthetic multi-digit arithmetic, the embedded default R1-Zero task.
+
+Problems: `a + b` (and `a * d`, a multi-digit number times one digit) with `min_digits..max_digits`
+digits per operand. Step-by-step work helps: each column's carry depends on the previous column.
+
+The task also writes the three *styles* of solution the base corpus is made of (see
+r1kit/recipes/corpus.py and ../shared/NOTES.md: R1-Zero needs something to elicit):
+- `direct`: a short answer with the carries dropped — systematically wrong whenever a carry occurs,
+  so the model cannot average it out into the right answer;
+- `worked`: right-to-left column work with explicit carries, then the (correct) answer;
+- `reflect`: starts like `direct`, then "wait, check the carries" and the worked solution.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from r1kit.tasks.base import register_task
+from r1kit.types import Problem, R1KitError
+
+
+def _digits(n: int) -> list[int]:
+    """Least-significant digit first."""
+    return [int(c) for c in reversed(str(n))]
+
+
+def carry_free_add(a: int, b: int) -> int:
+    """a + b with every carry dropped: the base corpus's systematic error."""
+    da, db = _digits(a), _digits(b)
+    width = max(len(da), len(db))
+    out = [((da[i] if i < len(da) else 0) + (db[i] if i < len(db) else 0)) % 10 for i in range(width)]
+    return int("".join(str(d) for d in reversed(out)))
+
+
+def carry_free_mul(a: int, d: int) -> int:
+    """a * d (d one digit) with every carry dropped."""
+    out = [(x * d) % 10 for x in _digits(a)]
+    return int("".join(str(x) for x in reversed(out)))
+
+
+def worked_add(a: int, b: int) -> str:
+    da, db = _digits(a), _digits(b)
+    steps, carry = [], 0
+    for i in range(max(len(da), len(db))):
+        x, y = (da[i] if i < len(da) else 0), (db[i] if i < len(db) else 0)
+        s = x + y + carry
+        steps.append(f"{x}+{y}+{carry}={s}")
+        carry = s // 10
+    if carry:
+        steps.append(f"carry {carry}")
+    return ", ".join(steps) + f". so {a + b}."
+
+
+def worked_mul(a: int, d: int) -> str:
+    steps, carry = [], 0
+    for x in _digits(a):
+        s = x * d + carry
+        steps.append(f"{x}*{d}+{carry}={s}")
+        carry = s // 10
+    if carry:
+        steps.append(f"carry {carry}")
+    return ", ".join(steps) + f". so {a * d}."
+
+
+@dataclass
+class ArithmeticTask:
+    """Multi-digit addition/multiplication with a fixed held-out set disjoint from training."""
+
+    min_digits: int = 4
+    max_digits: int = 4
+    ops: tuple[str, ...] = ("+",)
+    num_test: int = 500
+    test_seed: int = 1234
+    name: str = "arithmetic"
+
+    def __post_init__(self) -> None:
+        self.ops = tuple(self.ops)
+        if not 1 <= self.min_digits <= self.max_digits <= 12:
+            raise R1KitError(f"arithmetic task: need 1 <= min_digits <= max_digits <= 12, got {self.min_digits}, {self.max_digits}")
+        bad = [o for o in self.ops if o not in ("+", "*")]
+        if bad or not self.ops:
+            raise R1KitError(f"arithmetic task: ops must be a non-empty subset of ['+', '*'], got {list(self.ops)}")
+        rng = random.Random(self.test_seed)
+        seen: dict[tuple[int, str, int], Problem] = {}
+        while len(seen) < self.num_test:
+            key = self._draw(rng)
+            seen.setdefault(key, self._problem(key, f"arith-test-{len(seen):04d}"))
+        self._test = list(seen.values())
+        self._test_keys = set(seen)
+
+    def _draw(self, rng: random.Random) -> tuple[int, str, int]:
+        op = rng.choice(self.ops)
+        nd = rng.randint(self.min_digits, self.max_digits)
+        a = rng.randint(10 ** (nd - 1), 10**nd - 1)
+        if op == "*":
+            return a, op, rng.randint(2, 9)
+        nb = rng.randint(self.min_digits, self.max_digits)
+        return a, op, rng.randint(10 ** (nb - 1), 10**nb - 1)
+
+    def _problem(self, key: tuple[int, str, int], pid: str) -> Problem:
+        a, op, b = key
+        value = a + b if op == "+" else a * b
+        return Problem(
+            id=pid, question=f"{a}{op}{b}", answer=str(value), answer_style="numeric", task=self.name,
+            solution=self.worked(key), meta={"a": a, "b": b, "op": op, "digits": len(str(a))},
+        )
+
+    def train_problems(self, n: int, rng: random.Random) -> list[Problem]:
+        out = []
+        while len(out) < n:
+            key = self._draw(rng)
+            if key not in self._test_keys:
+                out.append(self._problem(key, f"arith-{key[0]}{key[1]}{key[2]}"))
+        return out
+
+    def test_problems(self) -> list[Problem]:
+        return list(self._test)
+
+    # --- the solution styles of the base corpus ---------------------------------------------------
+    @staticmethod
+    def direct(key: tuple[int, str, int]) -> int:
+        a, op, b = key
+        return carry_free_add(a, b) if op == "+" else carry_free_mul(a, b)
+
+    @staticmethod
+    def worked(key: tuple[int, str, int]) -> str:
+        a, op, b = key
+        return worked_add(a, b) if op == "+" else worked_mul(a, b)
+
+    def completion(self, problem: Problem, style: str) -> str:
+        """A completion in one of the corpus styles: 'direct', 'worked' or 'reflect'."""
+        key = (problem.meta["a"], problem.meta["op"], problem.meta["b"])
+        quick = self.direct(key)
+        if style == "direct":
+            return f" <think> easy. </think> <answer> {quick} </answer>"
+        if style == "worked":
+            return f" <think> {self.worked(key)} </think> <answer> {problem.answer} </answer>"
+        if style == "reflect":
+            return f" <think> maybe {quick}. wait, check the carries: {self.worked(key)} </think> <answer> {problem.answer} </answer>"
+        raise ValueError(f"unknown style {style!r}")
+
+
+@register_task("arithmetic")
+def make_arithmetic(**kwargs) -> ArithmeticTask:
+    return ArithmeticTask(**kwargs)

@@ -1,0 +1,244 @@
+"""The GRPO training loop (DeepSeekMath / DeepSeek-R1), orchestration only.
+
+One step, read top to bottom in `GRPOTrainer.step`:
+    problems -> engine rollout (G per prompt, shared prefill) -> rule rewards -> group advantages
+    -> [reference logprobs if beta > 0] -> mu optimizer steps on the clipped objective -> metrics.
+
+The maths (advantages, losses, KL, aggregation) lives in r1kit.algorithms as pure functions chosen by
+name from the config. Departures from the paper: the old-policy logprobs are the sampler's own (the
+engine returns log softmax(logits / T) exactly as the trainer computes it), so on-policy training
+needs no extra forward pass; set `grpo.recompute_old_logprobs` when sampler and trainer differ.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+
+from r1kit.algorithms import agg_denominator, compute_advantages, policy_objective, validate_algorithm_options
+from r1kit.checkpoint import latest_checkpoint, load_trainer_state, restore_rng, rng_state, save_checkpoint
+from r1kit.config import RunConfig, to_dict
+from r1kit.engine import Engine
+from r1kit.logger import MetricsLogger, plot_curves
+from r1kit.model import token_logprobs
+from r1kit.progress import progress_bar
+from r1kit.rewards import score_completions
+from r1kit.rewards.functions import RewardScores, has_reflection
+from r1kit.templates import render_prompt
+from r1kit.types import Problem, R1KitError, Rollout
+
+CURVE_PANELS = [
+    ("held-out accuracy (pass@1)", ["eval/pass1"]),
+    ("reward", ["reward", "reward/accuracy", "reward/format"]),
+    ("completion length (tokens)", ["completion_len_mean"]),
+    ("reflection rate", ["reflection_rate"]),
+]
+
+
+POSTFIX = {"reward": "reward", "acc": "reward/accuracy", "len": "completion_len_mean", "eval": "eval/pass1"}
+
+
+@dataclass
+class StepBatch:
+    """Everything one GRPO step produced before the update."""
+
+    problems: list[Problem]  # P prompts' problems
+    rollout: Rollout  # N = P*G rows
+    texts: list[str]  # N decoded completions
+    scores: RewardScores  # total [N] + per function [N]
+    advantages: torch.Tensor  # [N]
+    ref_logprobs: torch.Tensor | None  # [N, Tc], None when beta == 0
+
+
+class GRPOTrainer:
+    def __init__(self, cfg: RunConfig, model, tokenizer, task, run_dir: Path, *, ref_model=None,
+                 evaluate: Callable[[Engine, int], dict[str, float]] | None = None):
+        g = cfg.grpo
+        validate_algorithm_options(g.loss_type, g.agg_mode, g.advantage, g.kl_estimator, g.clip_low, g.clip_high,
+                                   g.beta, clip_ratio_c=g.clip_ratio_c, entropy_coef=g.entropy_coef, tis_cap=g.tis_cap)
+        if g.beta > 0 and ref_model is None:
+            raise R1KitError(f"grpo.beta={g.beta} > 0 needs a reference model")
+        if g.group_size < 2:
+            raise R1KitError(f"grpo.group_size must be at least 2 (advantages compare samples of a group), got {g.group_size}")
+        self.cfg, self.model, self.tokenizer, self.task = cfg, model, tokenizer, task
+        self.ref_model, self.evaluate = ref_model, evaluate
+        self.run_dir = Path(run_dir)
+        self.engine = Engine(model, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=g.lr, weight_decay=g.weight_decay, betas=(0.9, 0.99))
+        self.py_rng = random.Random(cfg.seed)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.step_idx = 0
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def train(self, resume: bool = False, initial_metrics: dict[str, float] | None = None) -> list[dict[str, Any]]:
+        """Run to `grpo.steps`; `initial_metrics` (e.g. the base model's evaluation) is logged as step 0."""
+        cfg, log_cfg = self.cfg, self.cfg.log
+        if resume:
+            self._resume()
+        logger = MetricsLogger(self.run_dir, log_cfg.tensorboard, resume_step=self.step_idx if resume else None)
+        records = []
+        if self.step_idx == 0 and (initial_metrics or self.evaluate is not None):
+            logger.log({"step": 0, **(initial_metrics or self._eval_metrics())})
+        bar = progress_bar(range(self.step_idx, cfg.grpo.steps), desc="grpo", enabled=log_cfg.progress,
+                           initial=self.step_idx, total=cfg.grpo.steps)
+        for _ in bar:
+            record, batch = self.step()
+            if self._due(cfg.eval.every) and self.evaluate is not None:
+                record.update(self._eval_metrics())
+            if log_cfg.sample_every and (self.step_idx % log_cfg.sample_every == 0 or self.step_idx == 1):
+                logger.log_samples(self.step_idx, self._samples(batch))
+            logger.log(record)
+            records.append(record)
+            bar.set_postfix({k: f"{record[key]:.3g}" for k, key in POSTFIX.items() if key in record})
+            if self._due(log_cfg.save_every):
+                self.save()
+        logger.close()
+        plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png", CURVE_PANELS)
+        return records
+
+    def _due(self, every: int) -> bool:
+        return self.step_idx == self.cfg.grpo.steps or (every > 0 and self.step_idx % every == 0)
+
+    def step(self) -> tuple[dict[str, Any], StepBatch]:
+        """One GRPO step: generate, score, (reference), update. Returns its metrics record and batch."""
+        g, times, t0 = self.cfg.grpo, {}, time.perf_counter()
+        problems = self.task.train_problems(g.prompts_per_step, self.py_rng)
+        rollout, texts = self.generate(problems)
+        times["generate"] = time.perf_counter() - t0
+        t = time.perf_counter()
+        expanded = [p for p in problems for _ in range(g.group_size)]  # [N] prompt-major
+        scores = score_completions(texts, expanded, g.reward_weights)
+        advantages = compute_advantages(scores.total, g.group_size, g.advantage)  # [N]
+        times["score"] = time.perf_counter() - t
+        t = time.perf_counter()
+        ref = self.reference_logprobs(rollout) if g.beta > 0 else None
+        times["logprobs"] = time.perf_counter() - t
+        batch = StepBatch(problems, rollout, texts, scores, advantages, ref)
+        t = time.perf_counter()
+        update_metrics = self.update(batch)
+        times["update"] = time.perf_counter() - t
+        self.step_idx += 1
+        elapsed = time.perf_counter() - t0
+        record = {"step": self.step_idx, **self._batch_metrics(batch), **update_metrics,
+                  **{f"time/{k}": v for k, v in times.items()}, "time/step": elapsed,
+                  "tokens_per_s": float(rollout.completion_mask.sum()) / elapsed}
+        return record, batch
+
+    # ---- phases --------------------------------------------------------------------------------
+    def generate(self, problems: list[Problem]) -> tuple[Rollout, list[str]]:
+        g = self.cfg.grpo
+        prompts = [self.tokenizer(render_prompt(p.question, self.cfg.task.template)).input_ids for p in problems]
+        rollout = self.engine.generate(prompts, group_size=g.group_size, max_new_tokens=g.max_new_tokens,
+                                       temperature=g.temperature, top_p=g.top_p, generator=self.generator)
+        return rollout, decode_completions(self.tokenizer, rollout)
+
+    @torch.no_grad()
+    def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        out = torch.zeros_like(rollout.logprobs)  # [N, Tc]
+        for idx in self._micro_batches(rollout.num_rows):
+            ids, mask, tc = micro_inputs(rollout, idx)
+            out[idx, :tc] = token_logprobs(self.ref_model, ids, mask, tc, self.cfg.grpo.temperature)[0]
+        return out
+
+    def update(self, batch: StepBatch) -> dict[str, float]:
+        """mu optimizer steps over the whole batch, each accumulating gradients over micro-batches."""
+        g, ro = self.cfg.grpo, batch.rollout
+        denominator = agg_denominator(ro.completion_mask, g.agg_mode)
+        sums: dict[str, float] = {}
+        self.model.train()
+        for _ in range(g.updates_per_batch):
+            self.optimizer.zero_grad(set_to_none=True)
+            for idx in self._micro_batches(ro.num_rows):
+                ids, mask, tc = micro_inputs(ro, idx)
+                logprobs, entropy = token_logprobs(self.model, ids, mask, tc, g.temperature, with_entropy=True)
+                loss, m = policy_objective(
+                    logprobs, ro.logprobs[idx, :tc], batch.advantages[idx], ro.completion_mask[idx, :tc],
+                    ref_logprobs=None if batch.ref_logprobs is None else batch.ref_logprobs[idx, :tc],
+                    loss_type=g.loss_type, agg_mode=g.agg_mode, clip_low=g.clip_low, clip_high=g.clip_high,
+                    clip_ratio_c=g.clip_ratio_c, beta=g.beta, kl_estimator=g.kl_estimator, entropy=entropy,
+                    entropy_coef=g.entropy_coef, norm_const=g.max_new_tokens, denominator=denominator,
+                )
+                loss.backward()
+                w = len(idx) / ro.num_rows / g.updates_per_batch
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + w * float(v)
+                sums["loss"] = sums.get("loss", 0.0) + loss.item() / g.updates_per_batch
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), g.grad_clip)
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm) / g.updates_per_batch
+            self.optimizer.step()
+        self.model.eval()
+        return sums
+
+    def _micro_batches(self, n: int) -> list[torch.Tensor]:
+        size = max(1, self.cfg.grpo.micro_batch_size)
+        return [torch.arange(i, min(n, i + size)) for i in range(0, n, size)]
+
+    # ---- metrics, evaluation, checkpoints -------------------------------------------------------
+    def _batch_metrics(self, batch: StepBatch) -> dict[str, float]:
+        ro, G = batch.rollout, self.cfg.grpo.group_size
+        lengths = ro.lengths.float()
+        grouped = batch.scores.total.view(-1, G)
+        out = batch.scores.means()
+        out.update({
+            "reward_std": batch.scores.total.std().item() if batch.scores.total.numel() > 1 else 0.0,
+            "completion_len_mean": lengths.mean().item(), "completion_len_max": lengths.max().item(),
+            "truncated_frac": ro.truncated.float().mean().item(),
+            "reflection_rate": sum(map(has_reflection, batch.texts)) / len(batch.texts),
+            "zero_adv_group_frac": (grouped.max(1).values == grouped.min(1).values).float().mean().item(),
+            "adv_abs_mean": batch.advantages.abs().mean().item(),
+        })
+        return out
+
+    def _eval_metrics(self) -> dict[str, float]:
+        return {f"eval/{k}": v for k, v in self.evaluate(self.engine, self.step_idx).items()}
+
+    def _samples(self, batch: StepBatch) -> list[dict[str, Any]]:
+        n, G = self.cfg.log.num_samples, self.cfg.grpo.group_size
+        rows = list(range(0, batch.rollout.num_rows, max(1, batch.rollout.num_rows // max(1, n))))[:n]
+        return [{"problem": batch.problems[r // G].question, "answer": batch.problems[r // G].answer,
+                 "completion": batch.texts[r], "reward": round(float(batch.scores.total[r]), 4)} for r in rows]
+
+    def save(self) -> Path:
+        state = {"step": self.step_idx, "optimizer": self.optimizer.state_dict(),
+                 "rng": rng_state(self.py_rng, self.generator)}
+        return save_checkpoint(self.run_dir / "checkpoints", self.step_idx, self.model, self.tokenizer, state,
+                               yaml.safe_dump(to_dict(self.cfg), sort_keys=False), keep=self.cfg.log.keep_checkpoints)
+
+    def _resume(self) -> None:
+        ckpt = latest_checkpoint(self.run_dir / "checkpoints")
+        if ckpt is None:
+            return
+        from safetensors.torch import load_file
+
+        weights = load_file(str(ckpt / "model" / "model.safetensors"))
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        if unexpected or [k for k in missing if "lm_head" not in k]:
+            raise R1KitError(f"checkpoint {str(ckpt)!r} does not match the model (missing {missing}, unexpected {unexpected})")
+        self.model.tie_weights()
+        state = load_trainer_state(ckpt)
+        self.optimizer.load_state_dict(state["optimizer"])
+        restore_rng(state["rng"], self.py_rng, self.generator)
+        self.step_idx = state["step"]
+
+
+def decode_completions(tokenizer, rollout: Rollout) -> list[str]:
+    """Completion texts without the EOS/pad tokens (the reasoning tags are ordinary text and stay)."""
+    out = []
+    for ids, mask in zip(rollout.completion_ids, rollout.completion_mask):
+        out.append(tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=True))
+    return out
+
+
+def micro_inputs(rollout: Rollout, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Rows `idx` as one forward input [B, Tp' + Tc'], trimmed of all-padding columns."""
+    pm, cm = rollout.prompt_mask[idx], rollout.completion_mask[idx]
+    tc = int(cm.sum(-1).max().item()) or 1
+    first = int((pm.sum(0) > 0).nonzero()[0].item()) if pm.any() else 0
+    ids = torch.cat([rollout.prompt_ids[idx, first:], rollout.completion_ids[idx, :tc]], dim=1)  # [B, T]
+    mask = torch.cat([pm[:, first:], cm[:, :tc].long()], dim=1)  # [B, T]
+    return ids, mask, tc
