@@ -1,6 +1,6 @@
 """Engine vs transformers' `model.generate()`: completion tokens per second on the same model and batch.
 
-A tiny Llama (hidden 128, 4 layers, vocab 512, ~1.2M parameters, float32, CPU) samples G = 8
+A tiny Llama (hidden 128, 4 layers, vocab 512, 1.05M parameters, float32, CPU) samples G = 8
 completions for each of 16 prompts of ~60 tokens, up to 64 new tokens, in three settings:
 
 - fixed:  every row generates exactly 64 tokens (our Engine with no EOS; HF with min_new_tokens = 64),
@@ -12,7 +12,8 @@ HF gets `num_return_sequences=G`, `do_sample=True`, the same temperature/top-p a
 by side in one process, alternating, median of `--repeats`. Ablations on the eos run: our Engine on the
 HF-forward backend (prefill sharing + compaction only) and with compaction off.
 
-Run: python benchmarks/bench_engine.py [--repeats 3] [--threads 1]  -> prints a table, writes benchmarks/results/engine.json
+Run: python benchmarks/bench_engine.py [--repeats 3] [--threads 1]
+(prints a table, writes benchmarks/results/engine.json)
 """
 from __future__ import annotations
 
@@ -132,7 +133,8 @@ def main() -> None:
         for key in [k for k in r if isinstance(r[k], dict) and "tokens_per_s" in r[k]]:
             v = r[key]
             ratio = v["tokens_per_s"] / r["hf"]["tokens_per_s"]
-            print(f"{r['setting']:<16}{key:<20}{v['tokens']:>8.0f}{v['seconds']:>9.3f}{v['tokens_per_s']:>9.0f}{ratio:>6.2f}x")
+            print(f"{r['setting']:<16}{key:<20}{v['tokens']:>8.0f}{v['seconds']:>9.3f}"
+                  f"{v['tokens_per_s']:>9.0f}{ratio:>6.2f}x")
     print(f"wrote {args.out}")
 
 

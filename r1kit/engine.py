@@ -1,36 +1,32 @@
 """The one generation path of r1kit: token ids in, sampled completions (ids, masks, logprobs) out.
 
-Used by RL rollouts, evaluation, `r1kit generate` and serving. What it does, per `Engine.generate` call:
+Used by RL rollouts, evaluation, `r1kit generate` and serving. Per `Engine.generate` call:
+1. left-pad the P prompts and prefill each unique prompt ONCE; its G samples (rows p*G+g) share that
+   prefill (TRL and HF `generate(num_return_sequences=G)` prefill every copy);
+2. decode step by step from a KV cache; rows that emitted EOS are dropped from the batch and the cache
+   (compaction), so finished rows stop costing compute (TRL decodes them on: 17-31% padding, NOTES.md);
+3. return a `Rollout` with the sampler's per-token logprobs:
+       logprob_t = log_softmax(logits_t / temperature)[token_t]
+   over the FULL temperature-scaled distribution (before top-p), which is what the trainer recomputes,
+   so the importance ratio is 1 on-policy. temperature == 0 is greedy, with raw log_softmax(logits_t).
 
-1. Left-pad the P prompts and **prefill each unique prompt once**; its KV cache is then copied to the
-   G rows that sample from it (row p*G+g), so a group costs one prefill, not G (TRL and HF `generate`
-   with `num_return_sequences` prefill every copy).
-2. Decode step by step from the cache. Rows that emitted EOS are **dropped from the batch and the cache**
-   (compaction) once they are a noticeable fraction of it, so finished rows stop costing compute
-   (TRL keeps decoding them: 17-31% of its decoded positions are padding, see NOTES.md).
-3. Return a `Rollout` with the sampler's per-token logprobs.
-
-Logprob convention (what the trainer recomputes, so the GRPO importance ratio is exactly 1 on-policy):
-    logprob_t = log_softmax(logits_t / temperature)[token_t]
-over the *full* temperature-scaled distribution, i.e. before top-p truncation. temperature == 0 means
-greedy decoding and then logprob_t = log_softmax(logits_t)[token_t].
-
-Two backends share one interface (prefill / decode / keep_rows):
-- `_FastLlama`: a pure-torch functional forward for Llama-family models (llama, qwen2, mistral: RMSNorm,
-  default RoPE, GQA, SiLU-gated MLP, optional q/k/v bias, tied or untied lm_head). It reads the HF
-  module's weights in place (no copies, so optimizer updates are seen at once) and writes K/V into one
-  pre-allocated cache tensor. On CPU with tiny models, where Python and HF per-step overhead dominate,
-  this is where most of the speed-up over `model.generate()` comes from.
+Two backends share one interface (prefill / decode / keep_rows / release):
+- `_FastLlama`: a pure-torch forward for Llama-family models (llama, qwen2, mistral: RMSNorm, default
+  RoPE, GQA, SiLU-gated MLP, optional biases, tied or untied lm_head) that reads the HF module's
+  parameters in place (no copies: optimizer updates are seen at once), with pre-allocated caches in a
+  shared-prefix layout (the prompt's K/V stored and read once per group). Where Python and HF per-step
+  overhead dominate (tiny models, CPU) it is several times faster than `model.generate()`.
 - `_HFBackend`: the model's own forward with a `DynamicCache`, for every other architecture and for
-  Llama-family configs with features the fast path does not implement (rope scaling, sliding windows
-  shorter than the sequence, ...): we fall back rather than be silently wrong. `Engine.fallback_reason`
-  says why.
+  Llama-family configs with features the fast path lacks (rope scaling, a sliding window shorter than
+  the sequence, q/k norms, ...): we fall back rather than be silently wrong (`Engine.fallback_reason`).
 
-Run `python benchmarks/bench_engine.py` for the speed comparison with `model.generate()`.
+Speed: `python benchmarks/bench_engine.py` (results in benchmarks/results/engine.json).
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -60,9 +56,6 @@ class EngineStats:
             setattr(self, name, 0)
 
 
-# --------------------------------------------------------------------------------------------- sampling
-
-
 def sample_tokens(
     logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +76,7 @@ def sample_tokens(
         logp = torch.log_softmax(logits, dim=-1)  # [B, V]
         tokens = logits.argmax(dim=-1)  # [B]
         return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
-    logp = torch.log_softmax(logits / temperature, dim=-1)  # [B, V]
+    logp = torch.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)  # [B, V]
     probs = logp.exp()
     if top_p < 1.0:
         # keep tokens with p >= threshold; float ops, because bool masks are ~10x slower on CPU here
@@ -111,9 +104,6 @@ def _top_p_threshold(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     below = torch.full((desc.shape[0], 1), top_p, dtype=desc.dtype, device=desc.device)
     n_keep = (torch.searchsorted(desc.cumsum(dim=-1), below) + 1).clamp(max=desc.shape[1])  # [B, 1]
     return desc.gather(1, n_keep - 1)
-
-
-# ---------------------------------------------------------------------------------------- fast backend
 
 
 def _rope_parameters(config) -> dict:
@@ -154,10 +144,9 @@ def fast_path_problem(model: nn.Module) -> str | None:
             return f"layer {i} attention has sub-modules other than {sorted(_ATTN_CHILDREN)}"
         if mlp is None or {n for n, _ in mlp.named_children()} != _MLP_CHILDREN:
             return f"layer {i} MLP has sub-modules other than {sorted(_MLP_CHILDREN)}"
-        if any(type(getattr(attn, n)) is not nn.Linear for n in _ATTN_CHILDREN):
-            return f"layer {i} attention projections are not plain nn.Linear"
-        if any(type(getattr(mlp, n)) is not nn.Linear for n in ("gate_proj", "up_proj", "down_proj")):
-            return f"layer {i} MLP projections are not plain nn.Linear"
+        projections = [getattr(attn, n) for n in _ATTN_CHILDREN] + [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        if any(type(p) is not nn.Linear for p in projections):
+            return f"layer {i} has projections that are not plain nn.Linear (quantized or custom layers)"
     return None
 
 
@@ -172,28 +161,15 @@ def _sliding_window(config) -> int | None:
     return int(window)
 
 
-@dataclass
-class _Layer:
-    """One decoder layer's tensors, looked up once per generate() (references to the HF parameters)."""
-
-    in_norm: torch.Tensor
-    in_eps: float
-    wq: torch.Tensor
-    bq: torch.Tensor | None
-    wk: torch.Tensor
-    bk: torch.Tensor | None
-    wv: torch.Tensor
-    bv: torch.Tensor | None
-    wo: torch.Tensor
-    bo: torch.Tensor | None
-    post_norm: torch.Tensor
-    post_eps: float
-    w_gate: torch.Tensor
-    b_gate: torch.Tensor | None
-    w_up: torch.Tensor
-    b_up: torch.Tensor | None
-    w_down: torch.Tensor
-    b_down: torch.Tensor | None
+# The tensors one decoder layer's fast forward reads, by the name the forward uses for them.
+_LAYER_TENSORS = dict(
+    in_norm="input_layernorm.weight", post_norm="post_attention_layernorm.weight",
+    wq="self_attn.q_proj.weight", bq="self_attn.q_proj.bias", wk="self_attn.k_proj.weight",
+    bk="self_attn.k_proj.bias", wv="self_attn.v_proj.weight", bv="self_attn.v_proj.bias",
+    wo="self_attn.o_proj.weight", bo="self_attn.o_proj.bias", w_gate="mlp.gate_proj.weight",
+    b_gate="mlp.gate_proj.bias", w_up="mlp.up_proj.weight", b_up="mlp.up_proj.bias",
+    w_down="mlp.down_proj.weight", b_down="mlp.down_proj.bias",
+)
 
 
 def _eps(norm: nn.Module) -> float:
@@ -201,19 +177,18 @@ def _eps(norm: nn.Module) -> float:
     return float(eps if eps is not None else getattr(norm, "eps", 1e-6))
 
 
-def _layer_tensors(layer: nn.Module) -> _Layer:
-    a, m = layer.self_attn, layer.mlp
-    return _Layer(
-        layer.input_layernorm.weight, _eps(layer.input_layernorm),
-        a.q_proj.weight, a.q_proj.bias, a.k_proj.weight, a.k_proj.bias, a.v_proj.weight, a.v_proj.bias,
-        a.o_proj.weight, a.o_proj.bias,
-        layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm),
-        m.gate_proj.weight, m.gate_proj.bias, m.up_proj.weight, m.up_proj.bias, m.down_proj.weight, m.down_proj.bias,
-    )
+def _layer_tensors(layer: nn.Module) -> SimpleNamespace:
+    """References (not copies) to a layer's parameters, looked up once per generate(): nn.Module
+    attribute lookups cost ~1 us each, and the decode loop would do ~40 per layer and step."""
+    w = SimpleNamespace(**{name: operator.attrgetter(path)(layer) for name, path in _LAYER_TENSORS.items()})
+    w.in_eps, w.post_eps = _eps(layer.input_layernorm), _eps(layer.post_attention_layernorm)
+    return w
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm as HF Llama computes it: statistics in float32, weight applied in the input dtype."""
+    if x.dtype == torch.float32:  # the same maths without two no-op casts (per-op cost dominates here)
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
@@ -228,7 +203,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> tor
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
 
 
-def _mlp(w: _Layer, h: torch.Tensor) -> torch.Tensor:
+def _mlp(w: SimpleNamespace, h: torch.Tensor) -> torch.Tensor:
     """SiLU-gated MLP: down(silu(gate(h)) * up(h)). h: [..., H] -> [..., H]."""
     gate = F.silu(F.linear(h, w.w_gate, w.b_gate))
     return F.linear(gate * F.linear(h, w.w_up, w.b_up), w.w_down, w.b_down)
@@ -264,17 +239,25 @@ class _FastLlama:
         return None
 
     def _rope_table(self, n: int, device: torch.device, dtype: torch.dtype) -> None:
-        """cos and signed sin [n, D] for positions 0..n-1, computed as HF does (float32, then cast)."""
+        """cos and signed sin [n, D] for positions 0..n-1, computed exactly as the HF forward does.
+
+        The inverse frequencies come from the model's own `rotary_emb.inv_freq` buffer when it has one
+        (it is derived from config.rope_parameters["rope_theta"], but `model.to(bfloat16)` rounds it, and
+        the trainer's HF forward uses the rounded values), else from the config's rope_theta.
+        """
         if self._rope_len >= n and self._cos.dtype == dtype and self._cos.device == device:
             return
-        theta = float(_rope_parameters(self.config)["rope_theta"])
-        d = self.head_dim
-        inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
-        freqs = torch.arange(n, device=device).float()[:, None] * inv_freq[None, :]  # [n, D/2]
+        rotary, d = getattr(self.model.model, "rotary_emb", None), self.head_dim
+        inv_freq = getattr(rotary, "inv_freq", None)
+        if inv_freq is None:
+            theta = float(_rope_parameters(self.config)["rope_theta"])
+            inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+        freqs = torch.arange(n, device=device).float()[:, None] * inv_freq.to(device).float()[None, :]  # [n, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [n, D]
-        sin = emb.sin()
+        scaling = float(getattr(rotary, "attention_scaling", 1.0))
+        cos, sin = emb.cos() * scaling, emb.sin() * scaling
         sin[:, : d // 2].neg_()  # pre-signed for _rotate
-        self._cos, self._sin, self._rope_len = emb.cos().to(dtype), sin.to(dtype), n
+        self._cos, self._sin, self._rope_len = cos.to(dtype), sin.to(dtype), n
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, group_size: int, max_new: int) -> torch.Tensor:
         """Run the P left-padded prompts once and fill the prompt cache; return last logits [P, V].
@@ -286,7 +269,7 @@ class _FastLlama:
         m = self.model
         self.layers = [_layer_tensors(layer) for layer in m.model.layers[: self.config.num_hidden_layers]]
         self.embed, self.final_norm, head = m.get_input_embeddings().weight, m.model.norm, m.get_output_embeddings()
-        self.head_w, self.head_b = head.weight, head.bias
+        self.head_w, self.head_b, self.final_eps = head.weight, head.bias, _eps(self.final_norm)
         dev, dtype, L = self.embed.device, self.embed.dtype, len(self.layers)
         self._rope_table(Tp + max_new, dev, dtype)
         self.pkv = torch.empty(L, 2, P, self.n_kv, Tp, D, device=dev, dtype=dtype)
@@ -369,9 +352,10 @@ class _FastLlama:
         s_prompt = self._from_grid(s_prompt + self.pbias[:Pa, None, None, :])  # [B, Hkv, rep, Tp]
         gk, gv = self.gkv[li, 0, :B, :, : self.t + 1], self.gkv[li, 1, :B, :, : self.t + 1]  # [B, Hkv, t+1, D]
         s_gen = torch.matmul(qg, gk.transpose(-1, -2))  # [B, Hkv, rep, t+1]
-        probs = torch.softmax(torch.cat((s_prompt, s_gen), dim=-1), dim=-1)  # [B, Hkv, rep, Tp+t+1]
+        # softmax in float32 as HF's attention kernels do (a no-op for float32 models)
+        probs = torch.softmax(torch.cat((s_prompt, s_gen), dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
         o_prompt = self._from_grid(torch.matmul(self._to_grid(probs[..., :Tp]), pv))  # [B, Hkv, rep, D]
-        return (o_prompt + torch.matmul(probs[..., Tp:], gv)).view(B, self.n_heads * D)
+        return (o_prompt + torch.matmul(probs[..., Tp:], gv)).reshape(B, self.n_heads * D)
 
     def _to_grid(self, x: torch.Tensor) -> torch.Tensor:
         """Rows to the per-prompt grid: [B, Hkv, rep, X] -> [Pa, Hkv, G*rep, X] (finished rows are 0)."""
@@ -392,11 +376,8 @@ class _FastLlama:
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm + lm_head (tied or not: whatever module the model uses). x: [B, H] -> [B, V]."""
-        x = _rms_norm(x, self.final_norm.weight, _eps(self.final_norm))
+        x = _rms_norm(x, self.final_norm.weight, self.final_eps)
         return F.linear(x, self.head_w, self.head_b)
-
-
-# ------------------------------------------------------------------------------------------ HF backend
 
 
 class _HFBackend:
@@ -404,9 +385,6 @@ class _HFBackend:
 
     def __init__(self, model: nn.Module):
         self.model = model
-
-    def supports_length(self, total: int) -> str | None:
-        return None
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, group_size: int, max_new: int) -> torch.Tensor:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [P, Tp]
@@ -438,7 +416,16 @@ class _HFBackend:
         self.cache = self.attn = None
 
 
-# ------------------------------------------------------------------------------------------------ engine
+def _token_ids(name: str, ids, vocab: int) -> list[int]:
+    """Validate special token ids (ints, numpy or 0-d torch integers) -> list[int] in [0, vocab)."""
+    try:
+        ids = [operator.index(t) for t in ids]
+    except TypeError:
+        raise R1KitError(f"Engine: {name} must be integer token ids, got {ids!r}") from None
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise R1KitError(f"Engine: {name} {bad} are outside the model's vocabulary [0, {vocab})")
+    return ids
 
 
 def _max_positions(config) -> int | None:
@@ -469,15 +456,12 @@ class Engine:
         compact_fraction: float = 0.125,
     ):
         vocab = model.get_input_embeddings().weight.shape[0]
-        for name, ids in (("eos_token_ids", list(eos_token_ids)), ("pad_token_id", [pad_token_id])):
-            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
-            if bad:
-                raise R1KitError(f"Engine: {name} {bad} are not token ids in [0, {vocab})")
+        eos_token_ids = _token_ids("eos_token_ids", eos_token_ids, vocab)
+        pad_token_id = _token_ids("pad_token_id", [pad_token_id], vocab)[0]
         if not 0.0 <= compact_fraction <= 1.0:
             raise ValueError(f"compact_fraction must be in [0, 1], got {compact_fraction}")
-        self.model, self.vocab_size = model, vocab
-        self.eos_token_ids, self.pad_token_id = list(eos_token_ids), pad_token_id
-        self.compact_fraction = compact_fraction
+        self.model, self.vocab_size, self.compact_fraction = model, vocab, compact_fraction
+        self.eos_token_ids, self.pad_token_id = eos_token_ids, pad_token_id
         self.fallback_reason = fast_path_problem(model) if fast_path is not False else "fast_path=False"
         if fast_path and self.fallback_reason:
             raise R1KitError(f"Engine: fast_path=True but this model cannot use it: {self.fallback_reason}")
@@ -593,10 +577,9 @@ class Engine:
                 raise R1KitError(f"Engine.generate: prompt {i} is empty (a prompt needs at least one token)")
             if min(p) < 0 or max(p) >= self.vocab_size:
                 raise R1KitError(f"Engine.generate: prompt {i} has token ids outside [0, {self.vocab_size})")
-        if not isinstance(group_size, int) or group_size < 1:
-            raise R1KitError(f"Engine.generate: group_size must be an int >= 1, got {group_size!r}")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise R1KitError(f"Engine.generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        for name, value in (("group_size", group_size), ("max_new_tokens", max_new_tokens)):
+            if not isinstance(value, int) or value < 1:
+                raise R1KitError(f"Engine.generate: {name} must be an int >= 1, got {value!r}")
         if not temperature >= 0:
             raise R1KitError(f"Engine.generate: temperature must be >= 0 (0 = greedy), got {temperature}")
         if not 0 < top_p <= 1:

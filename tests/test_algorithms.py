@@ -353,6 +353,7 @@ def test_tis_weights_are_capped_and_carry_no_gradient():
 @given(seed=st.integers(0, 10**6), n=st.integers(1, 6), t=st.integers(1, 8), mode=st.sampled_from(AGG_MODES))
 def test_agg_loss_matches_loop(seed, n, t, mode):
     b = make_batch(seed, n, t, p_valid=0.6)
+    b["mask"][0] = False  # always one empty row: it must count in no denominator
     values = b["old"]
     got = agg_loss(values, b["mask"], mode, norm_const=NORM_CONST)
     want = ref_agg([[values[i, j].item() for j in range(t)] for i in range(n)], b["mask"], mode)

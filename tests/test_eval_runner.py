@@ -231,6 +231,7 @@ def test_cli_on_math500(tiny, tmp_path, data_dir):
     assert eval_main(argv) == 0
     summary = check_outputs(tmp_path, 5, 2)
     assert set(summary["by"]) == {"subject", "level"}
+    assert set(summary["pass_at_k"]) == {"1", "2"}  # the default: powers of two up to --k
     assert sum(c["num_problems"] for c in summary["by"]["level"].values()) == 5
     assert (tmp_path / "accuracy_by_level.png").exists() and (tmp_path / "accuracy_by_subject.png").exists()
 

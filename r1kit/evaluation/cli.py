@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
-    ap.add_argument("--pass-k", type=_int_list, default=(), help="k values for unbiased pass@k, e.g. 1,2,4 (each <= --k)")
+    ap.add_argument("--pass-k", type=_int_list, default=None,
+                    help="k values for unbiased pass@k, each <= --k (default: 1, 2, 4, ... up to --k, and --k)")
     ap.add_argument("--by", type=_name_list, default=None,
                     help="metadata fields to break results down by, e.g. subject,level (default: every field with few values)")
     ap.add_argument("--template", default="r1_zero", help="prompt template name or a format string with {question}")
@@ -108,6 +109,11 @@ def _print_summary(summary, name: str, seconds: float) -> None:
     print(f"\n{name}: {summary.num_problems} problems x {summary.k} samples in {seconds:.1f} s")
 
 
+def default_pass_k(k: int) -> tuple[int, ...]:
+    """1, 2, 4, ... up to k, and k itself: the points of the pass@k curve."""
+    return tuple(sorted({2**i for i in range(k.bit_length()) if 2**i <= k} | {k}))
+
+
 def _model_name(path: str) -> str:
     """The model folder's absolute path (so `m` and `./m` resume the same run), or a hub name as given."""
     p = Path(path).expanduser()
@@ -123,6 +129,10 @@ def run(args: argparse.Namespace) -> int:
 
     problems, name = load_problems(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.empty(0, device=device)  # a bad or absent device fails here, with its name, before loading
+    except (RuntimeError, AssertionError) as e:
+        raise R1KitError(f"--device {device!r} is not usable here: {e}") from None
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     model.to(device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -131,8 +141,8 @@ def run(args: argparse.Namespace) -> int:
     summary = evaluate_problems(
         engine, tokenizer, problems, k=args.k, temperature=args.temperature, top_p=args.top_p,
         max_new_tokens=args.max_new_tokens, template=args.template, seed=args.seed,
-        batch_prompts=args.batch_prompts, pass_k=args.pass_k, progress=not args.quiet, out_dir=args.out,
-        by=args.by, label=f"{name} | {_model_name(args.model)}",
+        batch_prompts=args.batch_prompts, pass_k=args.pass_k if args.pass_k is not None else default_pass_k(args.k),
+        progress=not args.quiet, out_dir=args.out, by=args.by, label=f"{name} | {_model_name(args.model)}",
     )
     _print_summary(summary, name, time.perf_counter() - start)
     if args.out is not None:

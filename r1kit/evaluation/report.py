@@ -2,8 +2,8 @@
 
     write_report(summary, Path("eval"))   # -> summary.json, summary.md, pass_at_k.png, accuracy_by_<field>.png
 
-Plots render with matplotlib's Agg canvas (no display needed, pyplot untouched): pass@k against k (with pass@1 and cons@k), and
-one bar chart of pass@1 and cons@k per breakdown field (e.g. MATH-500 level and subject).
+Plots render with matplotlib's Agg canvas (no display needed, pyplot untouched): pass@k against k
+(with cons@k), and one bar chart of pass@1 and cons@k per breakdown field (e.g. MATH-500 level, subject).
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def summary_markdown(summary: EvalSummary, plot_names: list[str] = ()) -> str:
         f"| cons@{k} (majority vote) | {_pct(s.cons)} |",
         *(f"| pass@{j} (unbiased) | {_pct(v)} |" for j, v in sorted(s.pass_at_k.items())),
         f"| no parseable answer | {_pct(s.no_answer_rate)} |",
-        f"| format (<think></think><answer></answer>) | {_pct(s.format_rate)} |",
+        f"| format (`<think></think><answer></answer>`) | {_pct(s.format_rate)} |",
         f"| reflection (\"wait\", \"verify\", ...) | {_pct(s.reflection_rate)} |",
         f"| truncated at max_new_tokens | {_pct(s.truncated_rate)} |",
         f"| length in tokens: mean / p50 / p90 | {s.mean_length:.1f} / {s.p50_length:.0f} / {s.p90_length:.0f} |",

@@ -38,28 +38,35 @@ def carry_free_mul(a: int, d: int) -> int:
     return int("".join(str(x) for x in reversed(out)))
 
 
+def _worked(columns: list[tuple[str, int]]) -> str:
+    """Column steps "x+y+c=s, partial." where `partial` is the running result (digits so far).
+
+    Carrying the partial result along keeps every step local: the final answer is a copy of the
+    last partial, not a reversal of scattered digits, which a tiny model learns far more easily.
+    """
+    steps, partial = [], ""
+    for i, (expr, s) in enumerate(columns):
+        partial = (str(s) if i == len(columns) - 1 else str(s % 10)) + partial
+        steps.append(f"{expr}={s}, {partial}.")
+    return " ".join(steps)
+
+
 def worked_add(a: int, b: int) -> str:
     da, db = _digits(a), _digits(b)
-    steps, carry = [], 0
+    cols, carry = [], 0
     for i in range(max(len(da), len(db))):
         x, y = (da[i] if i < len(da) else 0), (db[i] if i < len(db) else 0)
-        s = x + y + carry
-        steps.append(f"{x}+{y}+{carry}={s}")
-        carry = s // 10
-    if carry:
-        steps.append(f"carry {carry}")
-    return ", ".join(steps) + f". so {a + b}."
+        cols.append((f"{x}+{y}+{carry}", x + y + carry))
+        carry = (x + y + carry) // 10
+    return _worked(cols)
 
 
 def worked_mul(a: int, d: int) -> str:
-    steps, carry = [], 0
+    cols, carry = [], 0
     for x in _digits(a):
-        s = x * d + carry
-        steps.append(f"{x}*{d}+{carry}={s}")
-        carry = s // 10
-    if carry:
-        steps.append(f"carry {carry}")
-    return ", ".join(steps) + f". so {a * d}."
+        cols.append((f"{x}*{d}+{carry}", x * d + carry))
+        carry = (x * d + carry) // 10
+    return _worked(cols)
 
 
 @dataclass
