@@ -45,7 +45,7 @@ class TaskConfig:
 class PretrainConfig:
     """Stage 0: the tiny base model, pretrained from scratch on a synthetic corpus."""
 
-    output_dir: str = "runs/base-tiny"  # reused when it already holds a model
+    output_dir: str = ""  # "" = <run dir>/base; reused when it already holds a complete model
     corpus_docs: int = 40000
     direct_frac: float = 0.7  # share of short direct answers (systematically wrong on carries)
     reflect_frac: float = 0.1  # share of worked solutions that start direct, then self-check
