@@ -38,35 +38,37 @@ def carry_free_mul(a: int, d: int) -> int:
     return int("".join(str(x) for x in reversed(out)))
 
 
-def _worked(columns: list[tuple[str, int]]) -> str:
-    """Column steps "x+y+c=s, partial." where `partial` is the running result (digits so far).
+def _worked(a: int, b: int, op: str) -> str:
+    """Right-to-left column work: "a+b: x+y+c=s, partial." per column, then the operands lose their
+    last digit and the next column starts.
 
-    Carrying the partial result along keeps every step local: the final answer is a copy of the
-    last partial, not a reversal of scattered digits, which a tiny model learns far more easily.
+    Why this shape: a tiny model finds the *last* digit of a number (next to a delimiter) easily but
+    not a digit in the middle, so every step restates what is left of the operands; and the running
+    `partial` result makes the final answer a copy, not a reversal of scattered digits.
     """
-    steps, partial = [], ""
-    for i, (expr, s) in enumerate(columns):
-        partial = (str(s) if i == len(columns) - 1 else str(s % 10)) + partial
-        steps.append(f"{expr}={s}, {partial}.")
-    return " ".join(steps)
+    steps, partial, carry = [], "", 0
+    while True:
+        x = a % 10
+        y = (b % 10) if op == "+" else b
+        s = x + y + carry if op == "+" else x * y + carry
+        head = f"{a}{op}{b}: {x}{op}{y}+{carry}={s}"
+        a = a // 10
+        if op == "+":
+            b = b // 10
+        last = a == 0 and (op == "*" or b == 0)
+        partial = (str(s) if last else str(s % 10)) + partial
+        steps.append(f"{head}, {partial}.")
+        carry = s // 10
+        if last:
+            return " ".join(steps)
 
 
 def worked_add(a: int, b: int) -> str:
-    da, db = _digits(a), _digits(b)
-    cols, carry = [], 0
-    for i in range(max(len(da), len(db))):
-        x, y = (da[i] if i < len(da) else 0), (db[i] if i < len(db) else 0)
-        cols.append((f"{x}+{y}+{carry}", x + y + carry))
-        carry = (x + y + carry) // 10
-    return _worked(cols)
+    return _worked(a, b, "+")
 
 
 def worked_mul(a: int, d: int) -> str:
-    cols, carry = [], 0
-    for x in _digits(a):
-        cols.append((f"{x}*{d}+{carry}", x * d + carry))
-        carry = (x * d + carry) // 10
-    return _worked(cols)
+    return _worked(a, d, "*")
 
 
 @dataclass
