@@ -37,7 +37,7 @@ class ModelConfig:
 @dataclass
 class TaskConfig:
     name: str = "arithmetic"
-    options: dict[str, Any] = field(default_factory=dict)  # passed to the task factory
+    options: dict[str, Any] = field(default_factory=lambda: {"min_digits": 3, "max_digits": 3})  # passed to the task factory
     template: str = "r1_zero"
 
 
@@ -46,20 +46,20 @@ class PretrainConfig:
     """Stage 0: the tiny base model, pretrained from scratch on a synthetic corpus."""
 
     output_dir: str = ""  # "" = <run dir>/base; reused when it already holds a complete model
-    corpus_docs: int = 40000
+    corpus_docs: int = 60000
     direct_frac: float = 0.7  # share of short direct answers (systematically wrong on carries)
     reflect_frac: float = 0.1  # share of worked solutions that start direct, then self-check
     steps: int = 1500
-    batch_size: int = 64
+    batch_size: int = 32
     lr: float = 3e-3
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     weight_decay: float = 0.0
     eval_problems: int = 200
 
 
 @dataclass
 class GRPOConfig:
-    steps: int = 150
+    steps: int = 100
     prompts_per_step: int = 16
     group_size: int = 8
     max_new_tokens: int = 96
@@ -79,8 +79,39 @@ class GRPOConfig:
     agg_mode: str = "seq-mean-token-mean"
     advantage: str = "grpo"
     entropy_coef: float = 0.0
-    tis_cap: float | None = None
+    tis_cap: float | None = None  # truncated importance sampling cap; needs recompute_old_logprobs
     reward_weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
+    # "loss": + beta * KL(pi || pi_ref) in the objective (R1 eq. 1); "reward": beta * sum_t KL_t is
+    # subtracted from each completion's reward before advantages (REINFORCE++). beta = 0: no reference.
+    kl_mode: str = "loss"
+    recompute_old_logprobs: bool = False  # old logprobs from a trainer forward; the sampler's feed TIS/mismatch
+    entropy_top_fraction: float | None = None  # train only on the top fraction of high-entropy tokens
+    dynamic_sampling: bool = False  # DAPO: drop groups with all-equal rewards, sample more prompts
+    max_sampling_tries: int = 4  # generation rounds per step at most when dynamic_sampling is on
+    overlong_mask: bool = False  # DAPO overlong filtering: truncated completions leave the loss
+    overlong_buffer: int | None = None  # tokens of the "overlong" reward's ramp; None = max_new_tokens // 5
+    # A name from GRPO_PRESETS: its values replace the defaults; keys written in the YAML file or given
+    # as key=value win over it (mapping keys such as reward_weights merge entry by entry).
+    preset: str | None = None
+
+
+# Published GRPO-family variants as GRPOConfig values. Precedence: dataclass default < preset <
+# YAML file / `key=value` override. Sources and our departures are in r1kit/trainers/grpo.py's docstring.
+GRPO_PRESETS: dict[str, dict[str, Any]] = {
+    "grpo_paper": {"advantage": "grpo", "loss_type": "grpo", "agg_mode": "seq-mean-token-mean",
+                   "clip_low": 0.2, "clip_high": 0.2, "kl_mode": "loss", "kl_estimator": "k3", "beta": 0.04},
+    "dr_grpo": {"advantage": "dr_grpo", "loss_type": "grpo", "agg_mode": "seq-mean-token-sum-norm",
+                "clip_low": 0.2, "clip_high": 0.2, "beta": 0.0},
+    "dapo": {"advantage": "grpo", "loss_type": "grpo", "agg_mode": "token-mean", "clip_low": 0.2,
+             "clip_high": 0.28, "beta": 0.0, "dynamic_sampling": True, "overlong_mask": True,
+             "reward_weights": {"overlong": 1.0}},
+    "gspo": {"advantage": "grpo", "loss_type": "gspo", "agg_mode": "seq-mean-token-mean",
+             "clip_low": 3e-4, "clip_high": 4e-4, "beta": 0.0},
+    "rloo": {"advantage": "rloo", "loss_type": "reinforce", "agg_mode": "seq-mean-token-sum", "beta": 0.0},
+    "reinforce_pp": {"advantage": "reinforce_pp_baseline", "loss_type": "grpo", "agg_mode": "token-mean",
+                     "clip_low": 0.2, "clip_high": 0.2, "kl_mode": "reward", "kl_estimator": "k1",
+                     "beta": 0.001},
+}
 
 
 @dataclass
@@ -90,7 +121,7 @@ class EvalConfig:
     temperature: float = 0.6
     top_p: float = 0.95
     max_new_tokens: int = 96
-    every: int = 25  # held-out evaluation every N RL steps (0 = only before and after)
+    every: int = 20  # held-out evaluation every N RL steps (0 = only before and after)
 
 
 @dataclass
@@ -105,6 +136,102 @@ class LogConfig:
 
 
 @dataclass
+class SFTConfig:
+    """`r1kit sft`: supervised fine-tuning on chat JSONL, loss on completion tokens only (r1kit.trainers.sft)."""
+
+    data: str = ""  # JSONL of {"messages": [...]} or {"prompt", "completion"}; "" = the pipeline's data
+    init: str = ""  # model folder to start from; "" = the pipeline's parent (the base model)
+    epochs: int = 2
+    max_steps: int = 0  # > 0 caps the optimizer steps
+    seq_len: int = 256  # packed row length in tokens (several examples per row, block-diagonal attention)
+    micro_batch_size: int = 8  # packed rows per forward/backward
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3
+    min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    save_every: int = 50  # checkpoint every N optimizer steps (and at the end)
+    keep_checkpoints: int = 1
+    cold_start_examples: int = 2000  # pipeline stage cold_sft: chains of thought by the reference solvers
+
+
+@dataclass
+class SampleConfig:
+    """`r1kit sample`: rejection sampling from a checkpoint into SFT data (r1kit.recipes.sampling)."""
+
+    model: str = ""  # checkpoint to sample from; "" = the pipeline's reasoning-RL model
+    num_prompts: int = 500  # training prompts (never held-out ones)
+    samples_per_prompt: int = 4
+    temperature: float = 0.8
+    top_p: float = 1.0
+    max_new_tokens: int = 96
+    min_tokens: int = 4  # length bounds of a kept completion, in tokens (truncated ones never kept)
+    max_tokens: int = 96
+    max_repetition: float = 0.3  # highest share of repeated word 4-grams in a kept completion
+    max_per_prompt: int = 2  # distinct completions kept per prompt
+    general_frac: float = 0.2  # share of non-reasoning examples (answered without a chain of thought)
+
+
+@dataclass
+class RewardModelConfig:
+    """`r1kit rm`: a Bradley-Terry reward model on preference pairs (r1kit.trainers.reward_model)."""
+
+    data: str = ""  # JSONL of {"prompt", "chosen", "rejected"}; "" = synthetic pairs on general prompts
+    init: str = ""  # HF causal-LM or sequence-classification folder; "" = the pipeline's base model
+    pairs: int = 1000  # synthetic pairs written when data is ""
+    epochs: int = 2
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    val_frac: float = 0.1  # held-out share of pairs for the pairwise accuracy
+
+
+@dataclass
+class StudentModelConfig(ModelConfig):
+    """The distilled student: a smaller tiny model (its own defaults, so a partial override keeps them).
+    It shares the teacher's tokenizer, so `vocab_size` is unused."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    num_kv_heads: int = 2
+    intermediate_size: int = 192
+
+
+@dataclass
+class DistillConfig:
+    """`r1kit distill`: teacher traces that pass rejection sampling, SFT of a smaller student on them."""
+
+    teacher: str = ""  # "" = the pipeline's final R1 model
+    student: StudentModelConfig = field(default_factory=StudentModelConfig)
+    student_init: str = ""  # a pretrained student folder; "" = pretrain one on the base corpus
+    student_pretrain_steps: int = 0  # 0 = pretrain.steps
+    num_prompts: int = 1000  # teacher prompts; samples_per_prompt and filters come from `sample`
+    rl_steps: int = 0  # student RL-only comparison: 0 = as many as fit in distillation's wall-clock time
+    rl_max_steps: int = 400  # cap for the wall-clock mode
+
+
+PIPELINE_STAGES = ["base", "zero", "cold_sft", "reason_rl", "reason_rl_nolang", "sample", "sft", "rm", "rl_all",
+                   "student_base", "distill", "student_rl"]
+
+
+@dataclass
+class PipelineConfig:
+    """`r1kit pipeline`: the multi-stage R1 recipe and distillation (r1kit.recipes.r1)."""
+
+    stages: list[str] = field(default_factory=lambda: list(PIPELINE_STAGES))
+    lang: str = "en"  # target language of the reasoning: language reward, unmixed filter
+    corpus_zh_frac: float = 0.0  # base corpus: share of worked solutions with Chinese step words
+    corpus_mix_frac: float = 0.0  # base corpus: share of worked solutions switching language mid-way
+    general_frac: float = 0.25  # share of general (non-reasoning) prompts in the all-scenario RL stage
+    general_test: int = 50  # held-out general prompts evaluated after each stage
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> {section: {key: value}}
+
+
+@dataclass
 class RunConfig:
     name: str = "zero-tiny"
     seed: int = 0
@@ -116,6 +243,11 @@ class RunConfig:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    rm: RewardModelConfig = field(default_factory=RewardModelConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -170,6 +302,8 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build dataclass `cls` from a nested dict; unknown keys and ill-typed values are errors."""
     if not isinstance(data, dict):
         raise R1KitError(f"config section {prefix.rstrip('.') or '<root>'!r}: expected a mapping, got {data!r}")
+    if cls is GRPOConfig and isinstance(data.get("preset"), str):
+        data = _with_preset(data, prefix)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -183,6 +317,20 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         else:
             kwargs[k] = _check_type(v, tp, key)
     return cls(**kwargs)
+
+
+def _with_preset(data: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The section's keys laid over its preset's values: every key given explicitly wins, and a
+    mapping value (reward_weights) is merged key by key, so a preset can add a reward to the file's."""
+    name = data["preset"]
+    if name not in GRPO_PRESETS:
+        raise R1KitError(f"config key {prefix + 'preset'!r}: unknown preset {name!r}; known presets: "
+                         f"{sorted(GRPO_PRESETS)}")
+    merged = dict(GRPO_PRESETS[name])
+    for k, v in data.items():
+        both_maps = isinstance(v, dict) and isinstance(merged.get(k), dict)
+        merged[k] = {**merged[k], **v} if both_maps else v
+    return merged
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -13,6 +13,7 @@ r1kit/recipes/corpus.py and ../shared/NOTES.md: R1-Zero needs something to elici
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 from r1kit.tasks.base import register_task
@@ -136,8 +137,13 @@ class ArithmeticTask:
         a, op, b = key
         return worked_add(a, b) if op == "+" else worked_mul(a, b)
 
-    def completion(self, problem: Problem, style: str) -> str:
-        """A completion in one of the corpus styles: 'direct', 'worked' or 'reflect'."""
+    def completion(self, problem: Problem, style: str, lang: str = "") -> str:
+        """A completion in one of the corpus styles: 'direct', 'worked' or 'reflect'.
+
+        lang "" keeps the original wording; "en"/"zh" (or code-switched "en-zh"/"zh-en") writes a step
+        word in each step of the worked solution: see `completion_in`."""
+        if lang:
+            return completion_in(self, problem, style, lang)
         key = (problem.meta["a"], problem.meta["op"], problem.meta["b"])
         quick = self.direct(key)
         if style == "direct":
@@ -152,3 +158,44 @@ class ArithmeticTask:
 @register_task("arithmetic")
 def make_arithmetic(**kwargs) -> ArithmeticTask:
     return ArithmeticTask(**kwargs)
+
+
+# --- worked solutions with step words in a language (the R1 recipe's language-mixing material) --------
+# Why: R1-Zero's reasoning mixes languages; at tiny scale mixing only exists if the base corpus writes
+# some chains of thought in another language (and a few switch mid-way). English and Chinese step words
+# are told apart by script (r1kit.rewards.language), digits carry no language.
+STEP_WORDS = {"en": "so", "zh": "得"}
+REFLECT_WORDS = {"en": ("maybe", "wait, check the carries:"), "zh": ("也许", "等等，检查进位：")}
+_STEP = re.compile(r"([0-9+*]+: [0-9+*=]+), (\d+)\.")
+
+
+def step_languages(lang: str, n_steps: int) -> list[str]:
+    """The language of each of `n_steps` steps: "en" or "zh" throughout, or "en-zh"/"zh-en" switching
+    after the first half (rounded up)."""
+    parts = lang.split("-")
+    if not 1 <= len(parts) <= 2 or any(p not in STEP_WORDS for p in parts):
+        raise R1KitError(f"arithmetic: lang must be '', one of {sorted(STEP_WORDS)} or 'a-b' of them, got {lang!r}")
+    first = (n_steps + 1) // 2 if len(parts) == 2 else n_steps
+    return [parts[0]] * first + [parts[-1]] * (n_steps - first)
+
+
+def worked_in(key: tuple[int, str, int], lang: str) -> str:
+    """The worked solution with a step word per step: "123+45: 3+5+0=8, so 8." / "..., 得 8." """
+    steps = _STEP.findall(ArithmeticTask.worked(key))
+    langs = step_languages(lang, len(steps))
+    return " ".join(f"{head}, {STEP_WORDS[w]} {partial}." for (head, partial), w in zip(steps, langs))
+
+
+def completion_in(task: ArithmeticTask, problem: Problem, style: str, lang: str) -> str:
+    """`task.completion(problem, style)` with the worked part written in `lang` (the direct answer and
+    its "easy." stay as they are: only worked solutions come in two languages)."""
+    key = (problem.meta["a"], problem.meta["op"], problem.meta["b"])
+    if style == "direct":
+        return task.completion(problem, style)
+    worked = worked_in(key, lang)
+    if style == "worked":
+        return f" <think> {worked} </think> <answer> {problem.answer} </answer>"
+    if style == "reflect":
+        maybe, wait = REFLECT_WORDS[lang.split("-")[0]]
+        return f" <think> {maybe} {task.direct(key)}. {wait} {worked} </think> <answer> {problem.answer} </answer>"
+    raise ValueError(f"unknown style {style!r}")

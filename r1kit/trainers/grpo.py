@@ -1,36 +1,73 @@
-"""The GRPO training loop (DeepSeekMath / DeepSeek-R1), orchestration only.
+"""The GRPO training loop (DeepSeekMath / DeepSeek-R1) and its family of variants, orchestration only.
 
 One step, read top to bottom in `GRPOTrainer.step`:
-    problems -> engine rollout (G per prompt, shared prefill) -> rule rewards -> group advantages
-    -> [reference logprobs if beta > 0] -> mu optimizer steps on the clipped objective -> metrics.
+    sample P prompts x G completions and score them (DAPO dynamic sampling: repeat until P groups have
+    a spread of rewards) -> old-policy logprobs (the sampler's, or recomputed) -> reference logprobs
+    (only if beta > 0) -> rewards minus the KL penalty (kl_mode="reward") -> group advantages
+    -> loss mask (overlong rows, high-entropy tokens) -> mu optimizer steps on the objective -> metrics.
 
-The maths (advantages, losses, KL, aggregation) lives in r1kit.algorithms as pure functions chosen by
-name from the config. Departures from the paper: the old-policy logprobs are the sampler's own (the
-engine returns log softmax(logits / T) exactly as the trainer computes it), so on-policy training
-needs no extra forward pass; set `grpo.recompute_old_logprobs` when sampler and trainer differ.
+The maths lives in r1kit.algorithms as pure functions looked up by the names in the config
+(`advantage`, `loss_type`, `agg_mode`, `kl_estimator`); the trainer never branches on a variant's name.
+Presets (`grpo.preset`, values in r1kit.config.GRPO_PRESETS; a key set in the YAML file or on the
+command line wins over the preset, which wins over the defaults; reward_weights merge key by key):
+
+  grpo_paper    GRPO as in DeepSeekMath (Shao et al. 2024, eq. 3) / R1 eq. 1-3: group-std advantages,
+                per-token clip 0.2, 1/|o| per sequence, KL k3 in the loss, beta 0.04 (DeepSeekMath)
+  dr_grpo       Dr. GRPO (Liu et al. 2025): no std, no 1/|o| (sum / max_new_tokens), no KL
+  dapo          DAPO (Yu et al. 2025): clip-higher 0.28, token-mean, dynamic sampling, overlong
+                filtering and the soft overlong reward ("overlong", r1kit/rewards/shaping.py), no KL
+  gspo          GSPO (Zheng et al. 2025): sequence-level ratio, clip 3e-4 / 4e-4 (the paper's)
+  rloo          RLOO (Ahmadian et al. 2024): leave-one-out baseline, on-policy REINFORCE, token sum
+  reinforce_pp  REINFORCE++-baseline (Hu et al. 2025): group-centred then batch-whitened advantages,
+                PPO clip, token-mean, k1 KL subtracted from the reward (beta 0.001, our choice)
+
+Departures from the papers: the old-policy logprobs are the sampler's own (the engine returns
+log softmax(logits / T) exactly as the trainer computes it), so on-policy training needs no extra
+forward pass; set `grpo.recompute_old_logprobs` when sampler and trainer differ (then `grpo.tis_cap`
+enables truncated importance sampling). The overlong reward measures length in sampled tokens, which
+the trainer attaches to each row's copy of its problem (see r1kit/rewards/shaping.py).
 """
 from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import yaml
 
-from r1kit.algorithms import agg_denominator, compute_advantages, policy_objective, validate_algorithm_options
+import r1kit.rewards.shaping  # noqa: F401  registers the "overlong" reward
+from r1kit.algorithms import (
+    agg_denominator,
+    compute_advantages,
+    high_entropy_mask,
+    kl_reward_penalty,
+    mask_truncated_rows,
+    policy_objective,
+    validate_algorithm_options,
+)
 from r1kit.checkpoint import latest_checkpoint, load_trainer_state, restore_rng, rng_state, save_checkpoint
-from r1kit.config import RunConfig, to_dict
+from r1kit.config import GRPO_PRESETS, GRPOConfig, RunConfig, to_dict
 from r1kit.engine import Engine
 from r1kit.logger import MetricsLogger, plot_curves
 from r1kit.model import token_logprobs
 from r1kit.progress import progress_bar
 from r1kit.rewards import score_completions
-from r1kit.rewards.functions import RewardScores, has_reflection
+from r1kit.rewards.functions import has_reflection
+from r1kit.rewards.shaping import default_overlong_buffer, with_completion_lengths
 from r1kit.templates import render_prompt
+from r1kit.trainers.grpo_batch import Sampled, SamplingStats, StepBatch, collect_groups
 from r1kit.types import Problem, R1KitError, Rollout
+
+__all__ = ["GRPOTrainer", "KL_MODES", "PRESETS", "Sampled", "SamplingStats", "StepBatch", "check_grpo_options",
+           "decode_completions", "micro_inputs"]
+
+PRESETS = GRPO_PRESETS
+
+# Where beta * KL goes: (share in the loss, share in the reward). A lookup, so the loop never asks which.
+KL_MODES: dict[str, tuple[float, float]] = {"loss": (1.0, 0.0), "reward": (0.0, 1.0)}
 
 CURVE_PANELS = [
     ("held-out accuracy (pass@1)", ["eval/pass1"]),
@@ -42,32 +79,70 @@ CURVE_PANELS = [
 
 POSTFIX = {"reward": "reward", "acc": "reward/accuracy", "len": "completion_len_mean", "eval": "eval/pass1"}
 
+# Metrics that are partial sums over micro-batches (each divides by the full batch's denominator).
+_SUMMED = ("loss", "pg_loss")
 
-@dataclass
-class StepBatch:
-    """Everything one GRPO step produced before the update."""
 
-    problems: list[Problem]  # P prompts' problems
-    rollout: Rollout  # N = P*G rows
-    texts: list[str]  # N decoded completions
-    scores: RewardScores  # total [N] + per function [N]
-    advantages: torch.Tensor  # [N]
-    ref_logprobs: torch.Tensor | None  # [N, Tc], None when beta == 0
+def check_grpo_options(g: GRPOConfig) -> None:
+    """Raise R1KitError naming the `grpo.*` field at fault; the algorithm knobs are checked by
+    `validate_algorithm_options` (its errors name the field too)."""
+    validate_algorithm_options(g.loss_type, g.agg_mode, g.advantage, g.kl_estimator, g.clip_low, g.clip_high,
+                               g.beta, clip_ratio_c=g.clip_ratio_c, entropy_coef=g.entropy_coef, tis_cap=g.tis_cap,
+                               norm_const=g.max_new_tokens)
+    problems = []
+    if g.group_size < 2:
+        problems.append(f"grpo.group_size must be at least 2 (advantages compare samples of a group), got {g.group_size}")
+    if g.prompts_per_step < 1:
+        problems.append(f"grpo.prompts_per_step must be at least 1, got {g.prompts_per_step}")
+    if g.kl_mode not in KL_MODES:
+        problems.append(f"grpo.kl_mode={g.kl_mode!r} is unknown; allowed values: {list(KL_MODES)}")
+    if g.entropy_top_fraction is not None and not 0.0 < g.entropy_top_fraction <= 1.0:
+        problems.append(f"grpo.entropy_top_fraction must be in (0, 1] or null, got {g.entropy_top_fraction}")
+    if g.max_sampling_tries < 1:
+        problems.append(f"grpo.max_sampling_tries must be at least 1, got {g.max_sampling_tries}")
+    if g.tis_cap is not None and not g.recompute_old_logprobs:
+        problems.append("grpo.tis_cap needs grpo.recompute_old_logprobs=true: without a recomputation the old "
+                        "logprobs are the sampler's and the TIS weights would all be 1")
+    if g.overlong_buffer is not None and not 0 <= g.overlong_buffer <= g.max_new_tokens:
+        problems.append(f"grpo.overlong_buffer must be in [0, grpo.max_new_tokens={g.max_new_tokens}], "
+                        f"got {g.overlong_buffer}")
+    if g.preset is not None and g.preset not in PRESETS:
+        problems.append(f"grpo.preset={g.preset!r} is unknown; known presets: {sorted(PRESETS)}")
+    if problems:
+        raise R1KitError("; ".join(problems))
+
+
+@contextmanager
+def _timed(times: dict[str, float], key: str):
+    """Add the block's wall time to times[key] (a phase may run several times per step)."""
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[key] = times.get(key, 0.0) + time.perf_counter() - t
+
+
+def _accumulate(acc: dict[str, float], metrics: dict[str, Any], mean_weight: float, sum_weight: float) -> None:
+    """Fold one micro-batch's metrics into `acc`: *_max by max, _SUMMED by sum, the rest by weighted mean."""
+    for k, v in metrics.items():
+        v = float(v)
+        if k.endswith("_max"):
+            acc[k] = max(acc.get(k, v), v)
+        else:
+            acc[k] = acc.get(k, 0.0) + v * (sum_weight if k in _SUMMED else mean_weight)
 
 
 class GRPOTrainer:
     def __init__(self, cfg: RunConfig, model, tokenizer, task, run_dir: Path, *, ref_model=None,
                  evaluate: Callable[[Engine, int], dict[str, float]] | None = None):
         g = cfg.grpo
-        validate_algorithm_options(g.loss_type, g.agg_mode, g.advantage, g.kl_estimator, g.clip_low, g.clip_high,
-                                   g.beta, clip_ratio_c=g.clip_ratio_c, entropy_coef=g.entropy_coef, tis_cap=g.tis_cap)
+        check_grpo_options(g)
         if g.beta > 0 and ref_model is None:
             raise R1KitError(f"grpo.beta={g.beta} > 0 needs a reference model")
-        if g.group_size < 2:
-            raise R1KitError(f"grpo.group_size must be at least 2 (advantages compare samples of a group), got {g.group_size}")
         self.cfg, self.model, self.tokenizer, self.task = cfg, model, tokenizer, task
-        self.ref_model, self.evaluate = ref_model, evaluate
+        self.ref_model, self.evaluate = ref_model, evaluate  # with beta = 0 the reference is never called
         self.run_dir = Path(run_dir)
+        self.overlong_buffer = g.overlong_buffer if g.overlong_buffer is not None else default_overlong_buffer(g.max_new_tokens)
         self.engine = Engine(model, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=g.lr, weight_decay=g.weight_decay, betas=(0.9, 0.99))
         self.py_rng = random.Random(cfg.seed)

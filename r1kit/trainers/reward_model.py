@@ -1,0 +1,206 @@
+"""Reward-model training (`r1kit rm`): a sequence classifier with one output, Bradley-Terry loss on pairs.
+
+    pairs = read_preference_pairs(Path("prefs.jsonl"))        # {"prompt", "chosen", "rejected"} a line
+    model = build_reward_model("runs/r1-tiny/base/model", tokenizer)   # or None + a ModelConfig: tiny
+    summary = train_reward_model(model, tokenizer, pairs, cfg.rm, out_dir, seed=0)
+
+DeepSeek-R1 (section 2.3.4) scores general (non-reasoning) prompts with reward models trained on human
+preferences; the loss is the Bradley-Terry negative log-likelihood that the chosen answer wins,
+    L = -log sigmoid(r(x, y_chosen) - r(x, y_rejected)).
+The model is any Hugging Face `...ForSequenceClassification` with `num_labels=1`: the score is read at
+the last non-pad token (the model's own pooling), so `pad_token_id` must be set in its config. Building
+it from a causal LM's folder keeps that model's backbone and adds a fresh linear score head, the usual
+way reward models start. Each text is prompt + completion + EOS, tokenised like SFT data. The output
+folder `model/` is a plain HF folder: r1kit.rewards.reward_model loads it as a reward function.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from r1kit.config import ModelConfig, RewardModelConfig
+from r1kit.io import append_jsonl, atomic_dir, atomic_write_json
+from r1kit.model import save_model
+from r1kit.trainers.sft import lr_at
+from r1kit.types import R1KitError
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    prompt: str  # the prompt text as the policy saw it
+    chosen: str  # the preferred completion
+    rejected: str  # the other one
+
+
+def read_preference_pairs(path: Path) -> list[PreferencePair]:
+    """Pairs from a JSONL file; R1KitError naming the file and line of a malformed record."""
+    path = Path(path)
+    if not path.is_file():
+        raise R1KitError(f"preference file {str(path)!r} not found")
+    pairs = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise R1KitError(f"preference file {str(path)!r}, line {i + 1}: not JSON ({e})") from e
+        if not isinstance(d, dict) or not all(isinstance(d.get(k), str) for k in ("prompt", "chosen", "rejected")):
+            raise R1KitError(f"preference file {str(path)!r}, line {i + 1}: expected string fields 'prompt', 'chosen', 'rejected'")
+        if d["chosen"] == d["rejected"]:
+            raise R1KitError(f"preference file {str(path)!r}, line {i + 1}: chosen and rejected are the same text")
+        pairs.append(PreferencePair(d["prompt"], d["chosen"], d["rejected"]))
+    if not pairs:
+        raise R1KitError(f"preference file {str(path)!r} has no pairs")
+    return pairs
+
+
+def build_reward_model(init: str | Path | None, tokenizer, model_cfg: ModelConfig | None = None) -> torch.nn.Module:
+    """A one-output sequence classifier: from an HF folder (causal LM or classifier) or, with init None,
+    a tiny Llama/Qwen2 classifier built from `model_cfg` (random weights)."""
+    if init:
+        from transformers import AutoModelForSequenceClassification
+
+        if not (Path(init) / "config.json").exists():
+            raise R1KitError(f"reward model init {str(init)!r} is not a Hugging Face model folder (no config.json)")
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(str(init), num_labels=1)
+        except (ValueError, OSError) as e:
+            raise R1KitError(f"reward model init {str(init)!r} cannot become a sequence classifier: {e}") from e
+    else:
+        if model_cfg is None:
+            raise ValueError("build_reward_model needs `init` or `model_cfg`")
+        model = _tiny_classifier(model_cfg, tokenizer)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def _tiny_classifier(cfg: ModelConfig, tokenizer) -> torch.nn.Module:
+    common = dict(vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                  num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+                  intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_position_embeddings,
+                  num_labels=1, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    if cfg.arch == "llama":
+        from transformers import LlamaConfig, LlamaForSequenceClassification
+
+        return LlamaForSequenceClassification(LlamaConfig(**common))
+    if cfg.arch == "qwen2":
+        from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+        return Qwen2ForSequenceClassification(Qwen2Config(**common))
+    raise R1KitError(f"model.arch: unknown tiny architecture {cfg.arch!r}; expected 'llama' or 'qwen2'")
+
+
+def encode_texts(tokenizer, prompts: list[str], completions: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """prompt ids + completion ids + EOS per row, right-padded; rows longer than `max_len` lose their
+    *start* (the score is read at the end). Returns input_ids, attention_mask: [N, T] long."""
+    rows = []
+    for p, c in zip(prompts, completions):
+        ids = tokenizer(p, add_special_tokens=False).input_ids + tokenizer(c, add_special_tokens=False).input_ids
+        rows.append((ids + [tokenizer.eos_token_id])[-max_len:])
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)  # [N, T]
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # [N, T]
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def rewards_of(model, tokenizer, prompts: list[str], completions: list[str]) -> torch.Tensor:
+    """Scalar reward r(x, y) per (prompt, completion): [N] float32 (with gradients if enabled)."""
+    max_len = getattr(model.config, "max_position_embeddings", 2048)
+    ids, mask = encode_texts(tokenizer, prompts, completions, max_len)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [N, 1]
+    if logits.shape[-1] != 1:
+        raise R1KitError(f"reward model has {logits.shape[-1]} outputs; a reward model has exactly one (num_labels=1)")
+    return logits[:, 0].float()
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Mean over pairs of -log sigmoid(r_chosen - r_rejected); chosen, rejected: [B] -> scalar."""
+    return -F.logsigmoid(chosen - rejected).mean()
+
+
+@torch.no_grad()
+def evaluate_pairs(model, tokenizer, pairs: list[PreferencePair], batch_size: int = 64) -> dict[str, float]:
+    """Pairwise accuracy (chosen scored higher) and mean Bradley-Terry loss over `pairs`."""
+    if not pairs:
+        return {"accuracy": float("nan"), "loss": float("nan"), "margin": float("nan")}
+    was = model.training
+    model.eval()
+    wins, losses, margins = 0.0, 0.0, 0.0
+    for i in range(0, len(pairs), batch_size):
+        b = pairs[i : i + batch_size]
+        rc = rewards_of(model, tokenizer, [p.prompt for p in b], [p.chosen for p in b])
+        rr = rewards_of(model, tokenizer, [p.prompt for p in b], [p.rejected for p in b])
+        wins += float((rc > rr).sum())
+        losses += float(bradley_terry_loss(rc, rr)) * len(b)
+        margins += float((rc - rr).sum())
+    model.train(was)
+    return {"accuracy": wins / len(pairs), "loss": losses / len(pairs), "margin": margins / len(pairs)}
+
+
+def split_pairs(pairs: list[PreferencePair], val_frac: float, seed: int) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """A seeded shuffle split into (train, validation); at least one training pair."""
+    if not 0 <= val_frac < 1:
+        raise R1KitError(f"rm.val_frac must be in [0, 1), got {val_frac}")
+    order = list(pairs)
+    random.Random(seed).shuffle(order)
+    n_val = min(len(order) - 1, int(round(val_frac * len(order))))
+    return order[n_val:], order[:n_val]
+
+
+def train_reward_model(model, tokenizer, pairs: list[PreferencePair], cfg: RewardModelConfig, out_dir: Path, *,
+                       seed: int) -> dict[str, Any]:
+    """Train in place; write out_dir/{metrics.jsonl, model/, rm.json}. Returns the rm.json summary:
+    validation accuracy/loss before and after, first/last training loss, seconds.
+
+    No mid-run checkpoints: reward models here train in seconds; a rerun starts over (deterministic)."""
+    if cfg.epochs < 1 or cfg.batch_size < 1 or not cfg.lr > 0:
+        raise R1KitError(f"rm: need epochs >= 1, batch_size >= 1, lr > 0; got {cfg.epochs}, {cfg.batch_size}, {cfg.lr}")
+    out_dir = Path(out_dir)
+    train, val = split_pairs(pairs, cfg.val_frac, seed)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    steps_per_epoch = -(-len(train) // cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    before = evaluate_pairs(model, tokenizer, val)
+    metrics = out_dir / "metrics.jsonl"
+    metrics.unlink(missing_ok=True)
+    t0, step, log = time.time(), 0, []
+    model.train()
+    for _ in range(cfg.epochs):
+        order = list(train)
+        rng.shuffle(order)
+        for i in range(0, len(order), cfg.batch_size):
+            b = order[i : i + cfg.batch_size]
+            prompts = [p.prompt for p in b]
+            loss = bradley_terry_loss(rewards_of(model, tokenizer, prompts, [p.chosen for p in b]),
+                                      rewards_of(model, tokenizer, prompts, [p.rejected for p in b]))
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total, cfg.warmup_steps, cfg.lr, 0.1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            step += 1
+            log.append({"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"]})
+            append_jsonl(metrics, log[-1])
+    model.eval()
+    after = evaluate_pairs(model, tokenizer, val)
+    summary = {"pairs": len(pairs), "train_pairs": len(train), "val_pairs": len(val), "steps": step,
+               "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"], "val_before": before, "val_after": after,
+               "seconds": time.time() - t0}
+    with atomic_dir(out_dir / "model") as tmp:
+        save_model(model, tokenizer, tmp)
+    atomic_write_json(out_dir / "rm.json", summary)
+    return summary
