@@ -91,7 +91,8 @@ class GRPOConfig:
     overlong_mask: bool = False  # DAPO overlong filtering: truncated completions leave the loss
     overlong_buffer: int | None = None  # tokens of the "overlong" reward's ramp; None = max_new_tokens // 5
     # A name from GRPO_PRESETS: its values replace the defaults; keys written in the YAML file or given
-    # as key=value win over it (mapping keys such as reward_weights merge entry by entry).
+    # as key=value win over it (mapping keys such as reward_weights merge entry by entry). Applied when
+    # the config is read (load_config / from_dict), not by GRPOConfig(preset=...) in Python.
     preset: str | None = None
 
 
@@ -226,6 +227,8 @@ class PipelineConfig:
     lang: str = "en"  # target language of the reasoning: language reward, unmixed filter
     corpus_zh_frac: float = 0.0  # base corpus: share of worked solutions with Chinese step words
     corpus_mix_frac: float = 0.0  # base corpus: share of worked solutions switching language mid-way
+    language_weight: float = 1.0  # weight of the language reward in reasoning RL (paper: summed with accuracy)
+    rm_weight: float = 1.0  # weight of the reward model's score (general prompts) in the all-scenario RL stage
     general_frac: float = 0.25  # share of general (non-reasoning) prompts in the all-scenario RL stage
     general_test: int = 50  # held-out general prompts evaluated after each stage
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> {section: {key: value}}

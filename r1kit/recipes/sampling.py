@@ -148,7 +148,8 @@ def rejection_sample(engine, tokenizer, problems: list[Problem], cfg: SampleConf
     kept, rejected = filter_candidates(cands, cfg, lang)
     records = [{"prompt": render_prompt(c.problem.question, template), "completion": c.text, "kind": "reasoning",
                 "problem_id": c.problem.id} for c in kept]
-    n_general = min(len(general), round(len(records) * cfg.general_frac / (1 - cfg.general_frac))) if records else 0
+    want = len(records) * cfg.general_frac / (1 - cfg.general_frac)  # general share of the output = general_frac
+    n_general = min(len(general), max(1, round(want))) if records and cfg.general_frac > 0 else 0
     records += [{"prompt": render_prompt(p.question, template), "completion": general_completion(p), "kind": "general",
                  "problem_id": p.id} for p in list(general)[:n_general]]
     random.Random(seed).shuffle(records)
@@ -265,7 +266,10 @@ def countdown_steps(expr: str) -> list[str]:
             return Fraction(node.value)
         if isinstance(node, ast.BinOp) and type(node.op) in ops:
             a, b = ev(node.left), ev(node.right)
-            v = {ast.Add: a + b, ast.Sub: a - b, ast.Mult: a * b}.get(type(node.op)) if type(node.op) is not ast.Div else a / b
+            if isinstance(node.op, ast.Div):
+                v = a / b
+            else:
+                v = {ast.Add: a + b, ast.Sub: a - b, ast.Mult: a * b}[type(node.op)]
             steps.append(f"{_num(a)}{ops[type(node.op)]}{_num(b)}={_num(v)}")
             return v
         raise ValueError(f"not a + - * / expression over integers: {expr!r}")

@@ -180,31 +180,43 @@ class GRPOTrainer:
         return self.step_idx == self.cfg.grpo.steps or (every > 0 and self.step_idx % every == 0)
 
     def step(self) -> tuple[dict[str, Any], StepBatch]:
-        """One GRPO step: generate, score, (reference), update. Returns its metrics record and batch."""
+        """One GRPO step (see the module doc). Returns its metrics record and the batch it trained on."""
         g, times, t0 = self.cfg.grpo, {}, time.perf_counter()
-        problems = self.task.train_problems(g.prompts_per_step, self.py_rng)
-        rollout, texts = self.generate(problems)
-        times["generate"] = time.perf_counter() - t0
-        t = time.perf_counter()
-        expanded = [p for p in problems for _ in range(g.group_size)]  # [N] prompt-major
-        scores = score_completions(texts, expanded, g.reward_weights)
-        advantages = compute_advantages(scores.total, g.group_size, g.advantage)  # [N]
-        times["score"] = time.perf_counter() - t
-        t = time.perf_counter()
-        ref = self.reference_logprobs(rollout) if g.beta > 0 else None
-        times["logprobs"] = time.perf_counter() - t
-        batch = StepBatch(problems, rollout, texts, scores, advantages, ref)
-        t = time.perf_counter()
-        update_metrics = self.update(batch)
-        times["update"] = time.perf_counter() - t
+        sampled, sampling = collect_groups(lambda: self.sample(times), g.prompts_per_step, dynamic=g.dynamic_sampling,
+                                           max_tries=g.max_sampling_tries, pad_id=self.tokenizer.pad_token_id)
+        ro = sampled.rollout
+        with _timed(times, "logprobs"):
+            old, entropy = self.old_policy_logprobs(ro)  # [N, Tc], [N, Tc] or None
+            ref = self.reference_logprobs(ro) if g.beta > 0 else None  # [N, Tc]; beta = 0 never runs it
+        rewards = sampled.scores.total - self.kl_penalty(old, ref, ro.completion_mask)  # [N]
+        advantages = compute_advantages(rewards, g.group_size, g.advantage)  # [N]
+        batch = StepBatch(sampled.problems, ro, sampled.texts, sampled.scores, rewards, advantages, old,
+                          self.loss_mask(ro, entropy), ref_logprobs=ref, sampling=sampling,
+                          sampler_logprobs=ro.logprobs if g.recompute_old_logprobs else None)
+        with _timed(times, "update"):
+            # dynamic sampling found no group with a spread of rewards: nothing to learn from, skip
+            update_metrics = self.update(batch) if sampling.informative else {}
         self.step_idx += 1
         elapsed = time.perf_counter() - t0
         record = {"step": self.step_idx, **self._batch_metrics(batch), **update_metrics,
                   **{f"time/{k}": v for k, v in times.items()}, "time/step": elapsed,
-                  "tokens_per_s": float(rollout.completion_mask.sum()) / elapsed}
+                  "tokens_per_s": sampling.generated_tokens / elapsed}
         return record, batch
 
     # ---- phases --------------------------------------------------------------------------------
+    def sample(self, times: dict[str, float]) -> Sampled:
+        """One sampling round: `prompts_per_step` fresh problems, G completions each, scored."""
+        g = self.cfg.grpo
+        with _timed(times, "generate"):
+            problems = self.task.train_problems(g.prompts_per_step, self.py_rng)
+            rollout, texts = self.generate(problems)
+        with _timed(times, "score"):
+            # each row gets its own copy of its problem carrying its token length (for "overlong")
+            expanded = with_completion_lengths([p for p in problems for _ in range(g.group_size)], rollout.lengths,
+                                               rollout.truncated, g.max_new_tokens, self.overlong_buffer)
+            scores = score_completions(texts, expanded, g.reward_weights)
+        return Sampled(problems, rollout, texts, scores)
+
     def generate(self, problems: list[Problem]) -> tuple[Rollout, list[str]]:
         g = self.cfg.grpo
         prompts = [self.tokenizer(render_prompt(p.question, self.cfg.task.template)).input_ids for p in problems]
@@ -212,42 +224,83 @@ class GRPOTrainer:
                                        temperature=g.temperature, top_p=g.top_p, generator=self.generator)
         return rollout, decode_completions(self.tokenizer, rollout)
 
-    @torch.no_grad()
+    def old_policy_logprobs(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """pi_old, the ratio's denominator [N, Tc], and the entropy [N, Tc] when the high-entropy mask needs it.
+
+        pi_old is the sampler's logprobs unless `recompute_old_logprobs` (then the sampler's feed the
+        mismatch metric and TIS); one forward of the policy serves the recomputation and the entropy.
+        """
+        g = self.cfg.grpo
+        if not g.recompute_old_logprobs and g.entropy_top_fraction is None:
+            return rollout.logprobs, None
+        logprobs, entropy = self._forward(self.model, rollout, with_entropy=g.entropy_top_fraction is not None)
+        return (logprobs if g.recompute_old_logprobs else rollout.logprobs), entropy
+
     def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
-        out = torch.zeros_like(rollout.logprobs)  # [N, Tc]
+        return self._forward(self.ref_model, rollout)[0]
+
+    @torch.no_grad()
+    def _forward(self, model, rollout: Rollout, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logprobs (and entropies) [N, Tc] of the rollout's completions under `model`, micro-batched."""
+        logprobs = torch.zeros_like(rollout.logprobs)  # [N, Tc]
+        entropy = torch.zeros_like(rollout.logprobs) if with_entropy else None  # [N, Tc]
         for idx in self._micro_batches(rollout.num_rows):
             ids, mask, tc = micro_inputs(rollout, idx)
-            out[idx, :tc] = token_logprobs(self.ref_model, ids, mask, tc, self.cfg.grpo.temperature)[0]
-        return out
+            lp, ent = token_logprobs(model, ids, mask, tc, self.cfg.grpo.temperature, with_entropy=with_entropy)
+            logprobs[idx, :tc] = lp
+            if entropy is not None:
+                entropy[idx, :tc] = ent
+        return logprobs, entropy
+
+    def kl_penalty(self, logprobs: torch.Tensor, ref: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+        """beta * sum_t KL_t per completion [N] to subtract from the rewards (kl_mode="reward"), else 0."""
+        g = self.cfg.grpo
+        beta = g.beta * KL_MODES[g.kl_mode][1]
+        if ref is None or beta == 0:
+            return torch.zeros(mask.shape[0])
+        return kl_reward_penalty(logprobs, ref, mask, beta=beta, estimator=g.kl_estimator)
+
+    def loss_mask(self, rollout: Rollout, entropy: torch.Tensor | None) -> torch.Tensor:
+        """The tokens that train [N, Tc]: every generated one, minus truncated rows (`overlong_mask`,
+        DAPO overlong filtering) and minus all but the top `entropy_top_fraction` of token entropies
+        (Wang et al. 2025), a threshold taken over the FULL batch, not per micro-batch."""
+        g = self.cfg.grpo
+        mask = rollout.completion_mask  # [N, Tc]
+        if g.overlong_mask:
+            mask = mask_truncated_rows(mask, rollout.truncated)
+        if g.entropy_top_fraction is not None:
+            mask = mask * high_entropy_mask(entropy, mask, g.entropy_top_fraction).to(mask.dtype)
+        return mask
 
     def update(self, batch: StepBatch) -> dict[str, float]:
         """mu optimizer steps over the whole batch, each accumulating gradients over micro-batches."""
-        g, ro = self.cfg.grpo, batch.rollout
-        denominator = agg_denominator(ro.completion_mask, g.agg_mode)
-        sums: dict[str, float] = {}
+        g, ro, mu = self.cfg.grpo, batch.rollout, self.cfg.grpo.updates_per_batch
+        denominator = agg_denominator(batch.loss_mask, g.agg_mode)  # full batch: accumulation is exact
+        tokens = float(batch.loss_mask.sum())
+        acc: dict[str, float] = {}
         self.model.train()
-        for _ in range(g.updates_per_batch):
+        for _ in range(mu):
             self.optimizer.zero_grad(set_to_none=True)
             for idx in self._micro_batches(ro.num_rows):
                 ids, mask, tc = micro_inputs(ro, idx)
                 logprobs, entropy = token_logprobs(self.model, ids, mask, tc, g.temperature, with_entropy=True)
+                part = lambda x: None if x is None else x[idx, :tc]  # noqa: E731  [B, tc] slice of an [N, Tc]
                 loss, m = policy_objective(
-                    logprobs, ro.logprobs[idx, :tc], batch.advantages[idx], ro.completion_mask[idx, :tc],
-                    ref_logprobs=None if batch.ref_logprobs is None else batch.ref_logprobs[idx, :tc],
+                    logprobs, part(batch.old_logprobs), batch.advantages[idx], part(batch.loss_mask),
+                    ref_logprobs=part(batch.ref_logprobs), sampler_logprobs=part(batch.sampler_logprobs),
                     loss_type=g.loss_type, agg_mode=g.agg_mode, clip_low=g.clip_low, clip_high=g.clip_high,
-                    clip_ratio_c=g.clip_ratio_c, beta=g.beta, kl_estimator=g.kl_estimator, entropy=entropy,
-                    entropy_coef=g.entropy_coef, norm_const=g.max_new_tokens, denominator=denominator,
+                    clip_ratio_c=g.clip_ratio_c, beta=g.beta * KL_MODES[g.kl_mode][0], kl_estimator=g.kl_estimator,
+                    entropy=entropy, entropy_coef=g.entropy_coef, tis_cap=g.tis_cap, norm_const=g.max_new_tokens,
+                    denominator=denominator,
                 )
                 loss.backward()
-                w = len(idx) / ro.num_rows / g.updates_per_batch
-                for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + w * float(v)
-                sums["loss"] = sums.get("loss", 0.0) + loss.item() / g.updates_per_batch
+                share = float(batch.loss_mask[idx].sum()) / tokens if tokens else 0.0  # token-weighted means
+                _accumulate(acc, {**m, "loss": loss.detach()}, share / mu, 1.0 / mu)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), g.grad_clip)
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm) / g.updates_per_batch
+            _accumulate(acc, {"grad_norm": grad_norm}, 1.0 / mu, 1.0 / mu)
             self.optimizer.step()
         self.model.eval()
-        return sums
+        return acc
 
     def _micro_batches(self, n: int) -> list[torch.Tensor]:
         size = max(1, self.cfg.grpo.micro_batch_size)
@@ -255,9 +308,9 @@ class GRPOTrainer:
 
     # ---- metrics, evaluation, checkpoints -------------------------------------------------------
     def _batch_metrics(self, batch: StepBatch) -> dict[str, float]:
-        ro, G = batch.rollout, self.cfg.grpo.group_size
+        ro, g, s, adv = batch.rollout, self.cfg.grpo, batch.sampling, batch.advantages
         lengths = ro.lengths.float()
-        grouped = batch.scores.total.view(-1, G)
+        grouped = batch.rewards.view(-1, g.group_size)  # [P, G] what the advantages saw
         out = batch.scores.means()
         out.update({
             "reward_std": batch.scores.total.std().item() if batch.scores.total.numel() > 1 else 0.0,
@@ -265,8 +318,14 @@ class GRPOTrainer:
             "truncated_frac": ro.truncated.float().mean().item(),
             "reflection_rate": sum(map(has_reflection, batch.texts)) / len(batch.texts),
             "zero_adv_group_frac": (grouped.max(1).values == grouped.min(1).values).float().mean().item(),
-            "adv_abs_mean": batch.advantages.abs().mean().item(),
+            "adv_mean": adv.mean().item(), "adv_std": adv.std().item() if adv.numel() > 1 else 0.0,
+            "adv_abs_mean": adv.abs().mean().item(),
+            "loss_token_frac": (batch.loss_mask.sum() / ro.completion_mask.sum().clamp(min=1)).item(),
+            "kept_groups": len(batch.problems), "sampling_tries": s.tries, "dropped_groups": s.dropped_groups,
+            "sampled_reward": s.sampled_reward, "skipped_update": float(not s.informative),
         })
+        if g.beta * KL_MODES[g.kl_mode][1] > 0:
+            out["kl_penalty_mean"] = (batch.scores.total - batch.rewards).mean().item()
         return out
 
     def _eval_metrics(self) -> dict[str, float]:

@@ -1,0 +1,176 @@
+"""The R1 pipeline: lineage, skip-when-done, resume after interruptions = an uninterrupted run, and
+bad input stopping the pipeline with the stage and cause named. Micro config: tiny models, few steps."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from r1kit.config import RunConfig, from_dict
+from r1kit.recipes import r1
+from r1kit.trainers import sft as sft_mod
+from r1kit.types import R1KitError
+
+MICRO = {
+    "name": "micro", "seed": 0,
+    "model": {"hidden_size": 48, "num_layers": 2, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 64,
+              "vocab_size": 300, "max_position_embeddings": 192},
+    "task": {"name": "arithmetic", "options": {"min_digits": 1, "max_digits": 1, "num_test": 20}},
+    "pretrain": {"corpus_docs": 400, "direct_frac": 0.5, "reflect_frac": 0.1, "steps": 200, "batch_size": 16,
+                 "lr": 3e-3, "warmup_steps": 5},
+    "grpo": {"steps": 2, "prompts_per_step": 4, "group_size": 4, "max_new_tokens": 64},
+    "eval": {"num_problems": 6, "k": 2, "max_new_tokens": 64},
+    "log": {"progress": False, "tensorboard": False, "sample_every": 0, "save_every": 1},
+    "sft": {"epochs": 3, "lr": 3e-3, "seq_len": 128, "micro_batch_size": 8, "cold_start_examples": 200, "save_every": 2},
+    "sample": {"num_prompts": 16, "samples_per_prompt": 4, "max_new_tokens": 64, "min_tokens": 1, "max_tokens": 64,
+               "general_frac": 0.2},
+    "rm": {"pairs": 24, "epochs": 1, "batch_size": 8},
+    "distill": {"student": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 32,
+                            "max_position_embeddings": 192},
+                "student_pretrain_steps": 10, "num_prompts": 16, "rl_steps": 2},
+    "pipeline": {"corpus_zh_frac": 0.3, "corpus_mix_frac": 0.2, "general_test": 3},
+}
+
+
+def micro(root: Path, **top) -> RunConfig:
+    return from_dict(RunConfig, {**MICRO, "output_dir": str(root), **top})
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory) -> Path:
+    """The micro base model, pretrained once and shared (every run below starts from it)."""
+    root = tmp_path_factory.mktemp("base")
+    rec = r1.run_stage(micro(root), "base", log=lambda s: None)
+    return root / "micro" / rec["model"]
+
+
+def pipeline_cfg(root: Path, base: Path) -> RunConfig:
+    cfg = micro(root)
+    # The distillation teacher is the reasoning-RL model here: a micro rl_all is too weak to pass the filters.
+    return replace(cfg, model=replace(cfg.model, path=str(base)),
+                   distill=replace(cfg.distill, teacher=str(root / "micro" / "reason_rl" / "model")))
+
+
+VOLATILE = {"seconds", "seconds_this_run", "budget_s", "finished", "resumed_from", "path", "given", "teacher",
+            "source_model", "explicit_inputs", "init"}
+
+
+def stable(x):
+    """A done.json record without wall times and absolute paths (what may differ between two runs)."""
+    if isinstance(x, dict):
+        return {k: stable(v) for k, v in x.items() if k not in VOLATILE}
+    if isinstance(x, list):
+        return [stable(v) for v in x]
+    return x
+
+
+def weights_digest(model_dir: Path) -> str:
+    from safetensors.torch import load_file
+
+    h = hashlib.sha256()
+    for k, v in sorted(load_file(str(model_dir / "model.safetensors")).items()):
+        h.update(k.encode() + v.numpy().tobytes())
+    return h.hexdigest()
+
+
+def outputs(root: Path) -> dict[str, dict]:
+    out = {}
+    for stage in r1.PIPELINE_STAGES:
+        rec = json.loads((root / "micro" / stage / "done.json").read_text())
+        out[stage] = stable(rec)
+        if "model" in rec and (root / "micro" / rec["model"] / "model.safetensors").exists():
+            out[stage]["weights"] = weights_digest(root / "micro" / rec["model"])
+    return out
+
+
+def test_resume_after_interruptions_matches_uninterrupted_run(tmp_path, base_model, monkeypatch):
+    quiet = lambda s: None  # noqa: E731
+    full = r1.run_pipeline(pipeline_cfg(tmp_path / "a", base_model), log=quiet)
+    assert set(full) == set(r1.PIPELINE_STAGES)
+    rec = full["sft"]
+    assert rec["parents"]["base"]["identity"] == full["base"]["identity"]
+    assert rec["inputs"][0]["sha256"] == hashlib.sha256((tmp_path / "a/micro/sample/data.jsonl").read_bytes()).hexdigest()
+    assert 0 <= rec["eval"]["pass1"] <= 1 and "mixing_rate" in rec["eval"]
+    assert "| R1 stage 4" in (tmp_path / "a/micro/pipeline.md").read_text()
+
+    cfg_b = pipeline_cfg(tmp_path / "b", base_model)
+    # 1) an exception at the start of stage `rm`: the stages before it are done, rm is not.
+    real_rm = r1.STAGES["rm"]
+
+    def broken_rm(ctx):
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setitem(r1.STAGES, "rm", replace(real_rm, fn=broken_rm))
+    with pytest.raises(RuntimeError):
+        r1.run_pipeline(cfg_b, log=quiet)
+    assert (tmp_path / "b/micro/sft/done.json").exists() and not (tmp_path / "b/micro/rm/done.json").exists()
+    monkeypatch.setitem(r1.STAGES, "rm", real_rm)
+
+    # 2) a kill in the middle of the student's SFT, after a checkpoint: it resumes from that checkpoint.
+    real_step, calls = sft_mod.sft_step, {"n": 0}
+
+    def killed_step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("simulated kill")
+        return real_step(*a, **k)
+
+    seen: list[str] = []
+    monkeypatch.setattr(sft_mod, "sft_step", killed_step)
+    with pytest.raises(KeyboardInterrupt):
+        r1.run_pipeline(cfg_b, log=seen.append)
+    assert "[sft] done already, skipped" in seen and "[rm] running" in seen and "[distill] running" in seen
+    monkeypatch.setattr(sft_mod, "sft_step", real_step)
+    assert list((tmp_path / "b/micro/distill/checkpoints").glob("step-*"))
+
+    resumed = r1.run_pipeline(cfg_b, log=quiet)
+    assert resumed["distill"]["sft"]["resumed_from"] > 0
+    assert outputs(tmp_path / "b") == outputs(tmp_path / "a")
+
+    # 3) a finished pipeline reruns as a no-op; a changed stage config is refused, not silently mixed.
+    seen.clear()
+    r1.run_pipeline(cfg_b, log=seen.append)
+    assert all(s.endswith("skipped") for s in seen)
+    changed = replace(cfg_b, rm=replace(cfg_b.rm, epochs=2))
+    with pytest.raises(R1KitError, match="stage 'rm' .* another config"):
+        r1.run_pipeline(changed, log=quiet)
+
+
+def test_bad_input_stops_the_pipeline_naming_stage_and_cause(tmp_path, base_model):
+    quiet = lambda s: None  # noqa: E731
+    cfg = pipeline_cfg(tmp_path, base_model)
+    with pytest.raises(R1KitError, match=r"stage 'sft': its input stage 'base' is not finished"):
+        r1.run_stage(cfg, "sft", log=quiet)
+    strict = replace(cfg, sample=replace(cfg.sample, max_tokens=2, min_tokens=1, model=str(base_model)),
+                     pipeline=replace(cfg.pipeline, stages=["base", "sample", "sft"]))
+    with pytest.raises(R1KitError, match=r"stage 'sample': no sampled completion passed the filters .*too long: \d+"):
+        r1.run_pipeline(strict, log=quiet)
+    assert not (tmp_path / "micro/sample/done.json").exists() and not (tmp_path / "micro/sft").exists()
+    with pytest.raises(R1KitError, match="pipeline.stages: unknown stages"):
+        r1.run_pipeline(replace(cfg, pipeline=replace(cfg.pipeline, stages=["base", "nope"])), log=quiet)
+
+
+def test_stage_overrides_are_type_checked_and_scoped(tmp_path):
+    cfg = from_dict(RunConfig, {**MICRO, "pipeline": {"overrides": {"cold_sft": {"sft": {"epochs": 7}}}}})
+    assert r1.stage_config(cfg, "cold_sft").sft.epochs == 7 and r1.stage_config(cfg, "sft").sft.epochs == 3
+    bad = from_dict(RunConfig, {**MICRO, "pipeline": {"overrides": {"cold_sft": {"sft": {"epochs": "x"}}}}})
+    with pytest.raises(R1KitError, match=r"pipeline.overrides.cold_sft: .*'epochs'"):
+        r1.stage_config(bad, "cold_sft")
+    with pytest.raises(R1KitError, match="unknown stages"):
+        r1.stage_config(from_dict(RunConfig, {**MICRO, "pipeline": {"overrides": {"nope": {}}}}), "sft")
+
+
+def test_rl_task_stamps_language_and_hides_general_answers():
+    import random
+
+    from r1kit.recipes.sampling import GeneralTask
+    from r1kit.tasks import make_task
+
+    task = r1.RLTask(make_task("arithmetic", min_digits=1, max_digits=1, num_test=5), "zh", GeneralTask(num_test=2), 0.25)
+    probs = task.train_problems(8, random.Random(0))
+    general = [p for p in probs if p.meta.get("scenario") == "general"]
+    assert len(general) == 2 and all(p.answer == "" and p.meta["reference"] for p in general)
+    assert all(p.meta["lang"] == "zh" for p in probs) and all(p.meta["lang"] == "zh" for p in task.test_problems())
