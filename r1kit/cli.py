@@ -5,6 +5,11 @@
     r1kit pretrain [CONFIG.yaml] [key=value ...]
     r1kit generate --model PATH --prompt TEXT [--n 4 --temperature 0.6 ...]
     r1kit eval --model PATH --benchmark NAME [...]
+    r1kit pipeline [r1-tiny|CONFIG.yaml] [key=value ...]   # the R1 recipe + distillation, resumable
+    r1kit sft [CONFIG] [sft.data=F sft.init=M] [--stage cold_sft]
+    r1kit sample [CONFIG] [sample.model=M]
+    r1kit rm [CONFIG] [rm.data=F rm.init=M]
+    r1kit distill [CONFIG] [distill.teacher=M] [--rl-baseline]
 """
 from __future__ import annotations
 
@@ -130,7 +135,98 @@ def cmd_eval(argv: list[str]) -> int:
     return eval_main(argv)
 
 
-VERBS = {"zero": cmd_zero, "pretrain": cmd_pretrain, "generate": cmd_generate, "eval": cmd_eval}
+# ---- the R1 recipe (r1kit.recipes.r1): each verb runs pipeline stages, finished ones are skipped ----
+PIPELINE_CONFIG = "r1-tiny"
+
+
+def _stage_args(prog: str, description: str, argv: list[str], extra=None):
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    if extra:
+        extra(ap)
+    ap.add_argument("args", nargs="*", help=f"[CONFIG.yaml or embedded name, default {PIPELINE_CONFIG}] [key=value ...]")
+    ns = ap.parse_args(argv)
+    cfg_name, overrides = _split_config_args(ns.args)
+    from r1kit.config import RunConfig, load_config
+
+    return ns, load_config(RunConfig, config_path(cfg_name or PIPELINE_CONFIG), overrides)
+
+
+def _print_stage(rec: dict) -> None:
+    ev = rec.get("eval")
+    line = f"  {rec['stage']:<17} {rec['seconds']:6.0f}s"
+    if ev:
+        line += (f"  pass@1 {ev['pass1']:.3f}  format {ev['format_rate']:.3f}  mixing {ev['mixing_rate']:.3f}"
+                 f"  length {ev['mean_length']:.1f}")
+    if "stats" in rec:
+        st = rec["stats"]
+        line += f"  kept {st['kept']}/{st['samples']} samples, {st['records']} SFT records"
+    print(line)
+
+
+def cmd_pipeline(argv: list[str]) -> int:
+    _, cfg = _stage_args("r1kit pipeline", "The multi-stage R1 recipe and distillation; rerun to resume.", argv)
+    from r1kit.recipes.r1 import run_pipeline
+
+    records = run_pipeline(cfg, log=print if cfg.log.progress else (lambda s: None))
+    print(f"\nR1 pipeline {cfg.name!r} -> {cfg.run_dir}")
+    for rec in records.values():
+        _print_stage(rec)
+    print(f"  table: {cfg.run_dir / 'pipeline.md'}")
+    return 0
+
+
+def _one_stage(stage: str, rec_printer=_print_stage):
+    from r1kit.recipes.r1 import run_stage
+
+    def run(cfg) -> int:
+        rec = run_stage(cfg, stage)
+        rec_printer(rec)
+        print(f"  outputs: {cfg.run_dir / stage}")
+        return 0
+
+    return run
+
+
+def cmd_sft(argv: list[str]) -> int:
+    ns, cfg = _stage_args("r1kit sft", "SFT on chat JSONL (loss on completions only).", argv,
+                          lambda ap: ap.add_argument("--stage", choices=["sft", "cold_sft"], default="sft",
+                                                     help="which pipeline stage (cold_sft writes its own data)"))
+    return _one_stage(ns.stage)(cfg)
+
+
+def cmd_sample(argv: list[str]) -> int:
+    _, cfg = _stage_args("r1kit sample", "Rejection sampling from a checkpoint into SFT data.", argv)
+    return _one_stage("sample")(cfg)
+
+
+def cmd_rm(argv: list[str]) -> int:
+    _, cfg = _stage_args("r1kit rm", "Train a Bradley-Terry reward model on preference pairs.", argv)
+    from r1kit.recipes.r1 import run_stage
+
+    rec = run_stage(cfg, "rm")
+    v = rec["rm"]
+    print(f"  reward model {cfg.run_dir / rec['model']}: validation pairwise accuracy "
+          f"{v['val_before']['accuracy']:.3f} -> {v['val_after']['accuracy']:.3f}")
+    return 0
+
+
+def cmd_distill(argv: list[str]) -> int:
+    ns, cfg = _stage_args("r1kit distill", "Distil the teacher's filtered traces into a smaller student.", argv,
+                          lambda ap: ap.add_argument("--rl-baseline", action="store_true",
+                                                     help="also train the student by RL alone (same wall-clock)"))
+    from r1kit.recipes.distill import run_distill
+    from r1kit.recipes.r1 import run_stage
+
+    records = run_distill(cfg)
+    if ns.rl_baseline:
+        records["student_rl"] = run_stage(cfg, "student_rl")
+    for rec in records.values():
+        _print_stage(rec)
+    return 0
+
+
+VERBS = {"zero": cmd_zero, "pretrain": cmd_pretrain, "generate": cmd_generate, "eval": cmd_eval,
+         "pipeline": cmd_pipeline, "sft": cmd_sft, "sample": cmd_sample, "rm": cmd_rm, "distill": cmd_distill}
 
 
 def main(argv: list[str] | None = None) -> int:

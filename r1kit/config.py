@@ -47,14 +47,13 @@ class PretrainConfig:
 
     output_dir: str = ""  # "" = <run dir>/base; reused when it already holds a complete model
     corpus_docs: int = 60000
-    direct_frac: float = 0.7  # share of short direct answers (systematically wrong on carries)
+    direct_frac: float = 0.6  # share of short direct answers (systematically wrong on carries)
     reflect_frac: float = 0.1  # share of worked solutions that start direct, then self-check
-    steps: int = 1500
+    steps: int = 2500
     batch_size: int = 32
     lr: float = 3e-3
     warmup_steps: int = 50
     weight_decay: float = 0.0
-    eval_problems: int = 200
 
 
 @dataclass

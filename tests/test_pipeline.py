@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from r1kit.config import RunConfig, from_dict
 from r1kit.recipes import r1
@@ -15,7 +16,7 @@ from r1kit.trainers import sft as sft_mod
 from r1kit.types import R1KitError
 
 MICRO = {
-    "name": "micro", "seed": 0,
+    "name": "micro", "seed": 0, "threads": 1,  # 1 thread: the test machine's cores are shared
     "model": {"hidden_size": 48, "num_layers": 2, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 64,
               "vocab_size": 300, "max_position_embeddings": 192},
     "task": {"name": "arithmetic", "options": {"min_digits": 1, "max_digits": 1, "num_test": 20}},
@@ -24,15 +25,24 @@ MICRO = {
     "grpo": {"steps": 2, "prompts_per_step": 4, "group_size": 4, "max_new_tokens": 64},
     "eval": {"num_problems": 6, "k": 2, "max_new_tokens": 64},
     "log": {"progress": False, "tensorboard": False, "sample_every": 0, "save_every": 1},
-    "sft": {"epochs": 3, "lr": 3e-3, "seq_len": 128, "micro_batch_size": 8, "cold_start_examples": 200, "save_every": 2},
+    "sft": {"epochs": 3, "lr": 3e-3, "seq_len": 128, "micro_batch_size": 8, "cold_start_examples": 150, "save_every": 25},
     "sample": {"num_prompts": 16, "samples_per_prompt": 4, "max_new_tokens": 64, "min_tokens": 1, "max_tokens": 64,
                "general_frac": 0.2},
     "rm": {"pairs": 24, "epochs": 1, "batch_size": 8},
     "distill": {"student": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 32,
                             "max_position_embeddings": 192},
                 "student_pretrain_steps": 10, "num_prompts": 16, "rl_steps": 2},
-    "pipeline": {"corpus_zh_frac": 0.3, "corpus_mix_frac": 0.2, "general_test": 3},
+    "pipeline": {"corpus_zh_frac": 0.3, "corpus_mix_frac": 0.2, "general_test": 3,
+                 "overrides": {"distill": {"sft": {"save_every": 1}}}},
 }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def restore_threads():
+    """Stages set torch's thread count from the config; give the rest of the session its own back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 def micro(root: Path, **top) -> RunConfig:
@@ -114,7 +124,7 @@ def test_resume_after_interruptions_matches_uninterrupted_run(tmp_path, base_mod
 
     def killed_step(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 5:
+        if calls["n"] == 2:
             raise KeyboardInterrupt("simulated kill")
         return real_step(*a, **k)
 
@@ -157,7 +167,7 @@ def test_stage_overrides_are_type_checked_and_scoped(tmp_path):
     cfg = from_dict(RunConfig, {**MICRO, "pipeline": {"overrides": {"cold_sft": {"sft": {"epochs": 7}}}}})
     assert r1.stage_config(cfg, "cold_sft").sft.epochs == 7 and r1.stage_config(cfg, "sft").sft.epochs == 3
     bad = from_dict(RunConfig, {**MICRO, "pipeline": {"overrides": {"cold_sft": {"sft": {"epochs": "x"}}}}})
-    with pytest.raises(R1KitError, match=r"pipeline.overrides.cold_sft: .*'epochs'"):
+    with pytest.raises(R1KitError, match=r"pipeline.overrides.cold_sft: .*'sft.epochs'"):
         r1.stage_config(bad, "cold_sft")
     with pytest.raises(R1KitError, match="unknown stages"):
         r1.stage_config(from_dict(RunConfig, {**MICRO, "pipeline": {"overrides": {"nope": {}}}}), "sft")

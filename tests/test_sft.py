@@ -154,3 +154,25 @@ def test_training_lowers_loss_and_resume_matches(tmp_path, pair, monkeypatch):
         assert torch.allclose(a, b, atol=1e-6)
     lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == list(range(1, full["steps"] + 1))
+
+
+def test_cli_sft_verb_on_explicit_data_and_model(tmp_path, pair, capsys):
+    """`r1kit sft CONFIG sft.data=F sft.init=M`: the pipeline's SFT stage on inputs given by the user."""
+    from r1kit.cli import main
+    from r1kit.model import save_model
+
+    model, tok = pair
+    save_model(model, tok, tmp_path / "init")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _records(16)))
+    args = ["sft", "r1-tiny", f"sft.data={data}", f"sft.init={tmp_path / 'init'}", f"output_dir={tmp_path}", "name=cli",
+            "sft.epochs=1", "sft.micro_batch_size=4", "eval.num_problems=2", "eval.k=1", "eval.max_new_tokens=8",
+            "pipeline.general_test=0", "log.progress=false", "threads=0"]
+    assert main(args) == 0
+    done = json.loads((tmp_path / "cli" / "sft" / "done.json").read_text())
+    assert done["inputs"][0]["sha256"] and done["sft"]["examples"] == 16 and "pass1" in done["eval"]
+    assert "sft" in capsys.readouterr().out
+    assert main(args) == 0  # finished: skipped
+    assert "skipped" in capsys.readouterr().out
+    assert main(["sft", "r1-tiny", f"output_dir={tmp_path}", "name=empty"]) == 2  # no parent, no data: named error
+    assert "stage 'sft': its input stage 'base' is not finished" in capsys.readouterr().err

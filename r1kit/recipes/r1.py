@@ -197,8 +197,7 @@ def stage_seed(cfg: RunConfig, stage: str) -> int:
 
 
 def read_done(stage_dir: Path) -> dict[str, Any] | None:
-    f = Path(stage_dir) / "done.json"
-    if not f.exists():
+    if not (f := Path(stage_dir) / "done.json").exists():
         return None
     try:
         return json.loads(f.read_text(encoding="utf-8"))
@@ -455,7 +454,9 @@ def stage_base(ctx: StageContext) -> dict[str, Any]:
 
 @register_stage("zero", parents=("base",), keys=("grpo", "eval", "pipeline.lang", "pipeline.general_test"))
 def stage_zero(ctx: StageContext) -> dict[str, Any]:
-    """R1-Zero from the base model with rule rewards only: r1kit.recipes.zero.run_zero, in this folder."""
+    """R1-Zero from the base model with rule rewards only: r1kit.recipes.zero.run_zero, in this folder.
+    (A config may add the "language" reward to grpo.reward_weights for the R1-Zero + language ablation.)"""
+    import r1kit.rewards.language  # noqa: F401  registers "language", should a config name it
     from r1kit.recipes.zero import run_zero
 
     cfg = ctx.cfg
@@ -483,12 +484,9 @@ def stage_cold_sft(ctx: StageContext) -> dict[str, Any]:
 
 
 def _rl_weights(cfg: RunConfig, language: bool, reward_model: bool = False) -> dict[str, float]:
-    w = dict(cfg.grpo.reward_weights)
-    if language:
-        w["language"] = cfg.pipeline.language_weight
-    if reward_model:
-        w["reward_model"] = cfg.pipeline.rm_weight
-    return w
+    """grpo.reward_weights plus the stage's own rewards (language consistency, the reward model)."""
+    return {**cfg.grpo.reward_weights, **({"language": cfg.pipeline.language_weight} if language else {}),
+            **({"reward_model": cfg.pipeline.rm_weight} if reward_model else {})}
 
 
 @register_stage("reason_rl", parents=("cold_sft",), keys=("grpo", "eval", "pipeline.lang", "pipeline.language_weight",
@@ -521,29 +519,12 @@ def stage_sample(ctx: StageContext) -> dict[str, Any]:
 
 
 def sample_data(ctx: StageContext, model_dir: Path, problems: list[Problem], general: list[Problem], title: str) -> dict[str, Any]:
-    """Rejection-sample `problems` from `model_dir` into ctx.dir/{data.jsonl, stats.json, stats.md}
-    (reused when complete); an empty result is an error naming the rejection reasons."""
-    from r1kit.engine import Engine
-    from r1kit.model import load_model
-    from r1kit.recipes.sampling import rejection_sample, stats_markdown
+    """Rejection-sample `problems` from `model_dir` into ctx.dir/{data.jsonl, stats.json, stats.md}."""
+    from r1kit.recipes.sampling import sample_to_files
 
-    cfg, data, stats_path = ctx.cfg, ctx.dir / "data.jsonl", ctx.dir / "stats.json"
-    if not stats_path.exists():  # stats are written after the data: together they mark it complete
-        t0 = time.time()
-        model, tok = load_model(model_dir, cfg.model.dtype)
-        engine = Engine(model, eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
-        records, stats = rejection_sample(engine, tok, problems, cfg.sample, lang=cfg.pipeline.lang,
-                                          template=cfg.task.template, seed=ctx.seed, general=general)
-        if stats["kept"] == 0:
-            reasons = ", ".join(f"{k}: {v}" for k, v in stats["rejected"].items() if v)
-            raise R1KitError(f"no sampled completion passed the filters ({stats['samples']} samples; rejected {reasons}); "
-                             "the model is too weak or the filters too strict (see the sample section)")
-        stats["seconds"] = time.time() - t0
-        write_jsonl(data, records)
-        atomic_write_text(ctx.dir / "stats.md", stats_markdown(stats, title))
-        atomic_write_json(stats_path, stats)
-    ctx.record_input(data)
-    return {"data": ctx.rel(data), "source_model": ctx.rel(model_dir), "stats": json.loads(stats_path.read_text())}
+    stats = sample_to_files(ctx.dir, model_dir, problems, general, ctx.cfg, seed=ctx.seed, title=title)
+    ctx.record_input(ctx.dir / "data.jsonl")
+    return {"data": ctx.rel(ctx.dir / "data.jsonl"), "source_model": ctx.rel(model_dir), "stats": stats}
 
 
 @register_stage("sft", parents=("base", "sample"), keys=("sft", "eval", "pipeline.lang", "pipeline.general_test"),
@@ -553,7 +534,8 @@ def stage_sft(ctx: StageContext) -> dict[str, Any]:
     return sft_stage(ctx, ctx.model("base"), ctx.data("sample"))
 
 
-@register_stage("rm", parents=("base",), keys=("rm", "task.template"), explicit=lambda c: {"base": c.rm.init})
+@register_stage("rm", parents=("base",), keys=("rm", "task.template"),
+                explicit=lambda c: {"base": c.rm.init, "preference data": c.rm.data})
 def stage_rm(ctx: StageContext) -> dict[str, Any]:
     """Stage 4a: a Bradley-Terry reward model for general prompts, from the base model's backbone."""
     from r1kit.model import load_tokenizer

@@ -22,10 +22,13 @@ Also here, because the recipe's stages need them and no dataset can be downloade
 from __future__ import annotations
 
 import ast
+import json
 import random
+import time
 from collections import Counter
 from dataclasses import dataclass, replace
 from fractions import Fraction
+from pathlib import Path
 from typing import Any, Sequence
 
 from r1kit.config import SampleConfig
@@ -171,6 +174,35 @@ def stats_markdown(stats: dict[str, Any], title: str = "Rejection sampling") -> 
             "|---|---:|---:|", f"| kept | {stats['kept']} | {stats['kept'] / n:.1%} |"]
     rows += [f"| rejected: {r} | {c} | {c / n:.1%} |" for r, c in stats["rejected"].items()]
     return "\n".join(rows) + "\n"
+
+
+def sample_to_files(out_dir: Path, model_dir: Path, problems: list[Problem], general: list[Problem], cfg, *,
+                    seed: int, title: str) -> dict[str, Any]:
+    """`rejection_sample` from the model at `model_dir` (settings: cfg.sample, cfg.pipeline.lang) into
+    out_dir/{data.jsonl, stats.md, stats.json}; returns the statistics. The stats file is written last, so
+    it marks the data complete: a rerun reuses it. No kept completion at all is an R1KitError naming the
+    rejection reasons (the stage cannot go on with empty data)."""
+    from r1kit.engine import Engine
+    from r1kit.io import atomic_write_json, atomic_write_text
+    from r1kit.model import load_model
+
+    out_dir, stats_path = Path(out_dir), Path(out_dir) / "stats.json"
+    if stats_path.exists():
+        return json.loads(stats_path.read_text())
+    t0 = time.time()
+    model, tok = load_model(model_dir, cfg.model.dtype)
+    engine = Engine(model, eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
+    records, stats = rejection_sample(engine, tok, problems, cfg.sample, lang=cfg.pipeline.lang,
+                                      template=cfg.task.template, seed=seed, general=general)
+    if stats["kept"] == 0:
+        reasons = ", ".join(f"{k}: {v}" for k, v in stats["rejected"].items() if v)
+        raise R1KitError(f"no sampled completion passed the filters ({stats['samples']} samples; rejected {reasons}); "
+                         "the model is too weak or the filters too strict (see the sample section)")
+    stats["seconds"] = time.time() - t0
+    atomic_write_text(out_dir / "data.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    atomic_write_text(out_dir / "stats.md", stats_markdown(stats, title))
+    atomic_write_json(stats_path, stats)
+    return stats
 
 
 # ----------------------------------------------------------------------------- general prompts
