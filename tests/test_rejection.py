@@ -104,7 +104,7 @@ def test_rejection_sample_end_to_end_mixes_general_data():
     assert stats["general_added"] == 1 and len(records) == 2
     kinds = {r["kind"]: r for r in records}
     assert kinds["reasoning"]["completion"] == GOOD and kinds["reasoning"]["prompt"].endswith("User: 12+34\nAssistant:")
-    assert kinds["general"]["completion"].startswith(" <think> </think> <answer>")
+    assert kinds["general"]["completion"].startswith(" <think></think> <answer>")
     md = stats_markdown(stats)
     assert "| rejected: wrong | 4 |" in md and "| kept | 1 |" in md
 

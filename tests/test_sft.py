@@ -10,7 +10,7 @@ import torch
 from r1kit.config import SFTConfig
 from r1kit.trainers import sft as sft_mod
 from r1kit.trainers.sft import (
-    SFTExample, collate, completion_loss_sum, encode_record, load_sft_data, pack_examples, sft_step, train_sft,
+    collate, completion_loss_sum, encode_record, load_sft_data, pack_examples, sft_step, train_sft,
 )
 from r1kit.types import R1KitError
 from tests.helpers import tiny_pair

@@ -16,7 +16,7 @@ Also here, because the recipe's stages need them and no dataset can be downloade
   reference solvers (arithmetic worked solutions; the Countdown solver), in one fixed format:
   "<think> reasoning. summary: ... </think> <answer> ... </answer>";
 - general prompts (`GeneralTask`, "Repeat 4721"): the non-reasoning scenario, answered without a chain
-  of thought ("<think> </think> <answer> 4721 </answer>"), scored by a reward model in RL;
+  of thought ("<think></think> <answer> 4721 </answer>"), scored by a reward model in RL;
 - preference pairs (`preference_records`) on general prompts, to train that reward model.
 """
 from __future__ import annotations
@@ -252,8 +252,12 @@ class GeneralTask:
 
 
 def general_completion(problem: Problem) -> str:
-    """The non-reasoning answer: an empty chain of thought, then the answer."""
-    return f" <think> </think> <answer> {problem.answer} </answer>"
+    """The non-reasoning answer: an empty chain of thought, then the answer.
+
+    No space inside the empty think, on purpose: with " <think> </think>" the tiny models confused the
+    space after "Assistant:" with the one after "<think>" and learned to skip "<think>" on general
+    prompts (measured: P(<think>) ~ 0 after SFT with weight_decay 0; ~1 with this spelling)."""
+    return f" <think></think> <answer> {problem.answer} </answer>"
 
 
 def _wrong_value(answer: str, rng: random.Random) -> str:
@@ -269,9 +273,9 @@ def preference_records(problems: Sequence[Problem], template: str, rng: random.R
     out = []
     for i, p in enumerate(problems):
         a = p.answer
-        rejected = [f" <think> </think> <answer> {_wrong_value(a, rng)} </answer>",
+        rejected = [f" <think></think> <answer> {_wrong_value(a, rng)} </answer>",
                     rng.choice([f" {a}", f" <answer> {a}", f" <think> {a} </think>"]),
-                    f" <think> </think> <answer> {' '.join([a] * rng.randint(2, 4))} </answer>"][i % 3]
+                    f" <think></think> <answer> {' '.join([a] * rng.randint(2, 4))} </answer>"][i % 3]
         out.append({"prompt": render_prompt(p.question, template), "chosen": general_completion(p), "rejected": rejected})
     return out
 
