@@ -39,12 +39,12 @@ def build_corpus(task, n_docs: int, direct_frac: float, reflect_frac: float, tem
     zh_frac / mix_frac (the R1 recipe's language-mixing material, both 0 by default = the original
     corpus): when either is positive, worked and reflect solutions get step words, in Chinese with
     probability zh_frac, code-switched (en-zh or zh-en) with probability mix_frac, else in English."""
-    if zh_frac or mix_frac:
-        return _build_bilingual(task, n_docs, direct_frac, reflect_frac, template, rng, zh_frac, mix_frac)
     if not hasattr(task, "completion"):
         raise R1KitError(f"task {task.name!r} cannot write a pretraining corpus (it has no completion styles)")
     if n_docs <= 0:
         raise R1KitError(f"pretrain.corpus_docs must be positive, got {n_docs}")
+    if zh_frac or mix_frac:
+        return _build_bilingual(task, n_docs, direct_frac, reflect_frac, template, rng, zh_frac, mix_frac)
     weights = style_weights(direct_frac, reflect_frac)
     styles = rng.choices(list(weights), weights=list(weights.values()), k=n_docs)
     problems: list[Problem] = task.train_problems(n_docs, rng)
@@ -55,10 +55,6 @@ def _build_bilingual(task, n_docs: int, direct_frac: float, reflect_frac: float,
                      rng: random.Random, zh_frac: float, mix_frac: float) -> list[CorpusDoc]:
     if not (0 <= zh_frac <= 1 and 0 <= mix_frac <= 1 and zh_frac + mix_frac <= 1):
         raise R1KitError(f"corpus zh_frac={zh_frac} and mix_frac={mix_frac}: each in [0, 1], sum at most 1")
-    if not hasattr(task, "completion"):
-        raise R1KitError(f"task {task.name!r} cannot write a pretraining corpus (it has no completion styles)")
-    if n_docs <= 0:
-        raise R1KitError(f"pretrain.corpus_docs must be positive, got {n_docs}")
     weights = style_weights(direct_frac, reflect_frac)
     # The same style and problem draws as the monolingual corpus; languages are drawn afterwards.
     styles = rng.choices(list(weights), weights=list(weights.values()), k=n_docs)
