@@ -74,8 +74,9 @@ def claims(runs: list[dict]) -> list[str]:
     m = lambda key, stage, col: mean_of(runs, key, stage, col)  # noqa: E731
     out = []
 
-    def claim(text: str, holds: bool, detail: str) -> None:
-        out.append(f"- **{text}**: {'holds' if holds else 'does not hold'} here ({detail}).")
+    def claim(text: str, holds: bool | None, detail: str) -> None:
+        verdict = "cannot be tested" if holds is None else "holds" if holds else "does not hold"
+        out.append(f"- **{text}**: {verdict} here ({detail}).")
 
     claim("RL from the base model alone (R1-Zero) raises accuracy", m("zero", "zero", "pass1") > m("base", "base", "pass1"),
           f"pass@1 {m('base', 'base', 'pass1'):.3f} -> {m('zero', 'zero', 'pass1'):.3f}")
@@ -86,7 +87,7 @@ def claims(runs: list[dict]) -> list[str]:
         w_mix, w_acc = m(run_key, with_, "off_target_rate"), m(run_key, with_, "pass1")
         wo_key, wo_stage = ("zero", "zero") if without is None else ("base", without)
         wo_mix, wo_acc = m(wo_key, wo_stage, "off_target_rate"), m(wo_key, wo_stage, "pass1")
-        claim(f"the language-consistency reward removes language mixing ({where})", w_mix < wo_mix or wo_mix == 0,
+        claim(f"the language-consistency reward removes language mixing ({where})", None if wo_mix == 0 else w_mix < wo_mix,
               f"off-target rate {wo_mix:.3f} without -> {w_mix:.3f} with; mixing "
               f"{m(wo_key, wo_stage, 'mixing_rate'):.3f} -> {m(run_key, with_, 'mixing_rate'):.3f}")
         claim(f"... at a small accuracy cost ({where})", w_acc <= wo_acc,

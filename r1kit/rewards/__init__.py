@@ -63,7 +63,7 @@ from r1kit.rewards.graders import (  # noqa: E402
     grade,
     grade_many,
 )
-from r1kit.rewards import shaping  # noqa: E402,F401  registers "overlong"
+from r1kit.rewards import language, shaping  # noqa: E402,F401  register "language", "overlong"
 
 __all__ = [
     "BATCH_REWARD_FUNCS", "GRADERS", "REWARD_FUNCS", "BatchRewardFn", "RewardFn", "RewardScores", "Verdict",
