@@ -15,7 +15,6 @@ folder `model/` is a plain HF folder: r1kit.rewards.reward_model loads it as a r
 """
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import dataclass
@@ -41,21 +40,15 @@ class PreferencePair:
 
 def read_preference_pairs(path: Path) -> list[PreferencePair]:
     """Pairs from a JSONL file; R1KitError naming the file and line of a malformed record."""
+    from r1kit.tasks.files import load_records  # one JSONL/parquet reader for every data file
+
     path = Path(path)
-    if not path.is_file():
-        raise R1KitError(f"preference file {str(path)!r} not found")
     pairs = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise R1KitError(f"preference file {str(path)!r}, line {i + 1}: not JSON ({e})") from e
-        if not isinstance(d, dict) or not all(isinstance(d.get(k), str) for k in ("prompt", "chosen", "rejected")):
-            raise R1KitError(f"preference file {str(path)!r}, line {i + 1}: expected string fields 'prompt', 'chosen', 'rejected'")
+    for loc, d in load_records(path):
+        if not all(isinstance(d.get(k), str) for k in ("prompt", "chosen", "rejected")):
+            raise R1KitError(f"preference file {str(path)!r}, {loc}: expected string fields 'prompt', 'chosen', 'rejected'")
         if d["chosen"] == d["rejected"]:
-            raise R1KitError(f"preference file {str(path)!r}, line {i + 1}: chosen and rejected are the same text")
+            raise R1KitError(f"preference file {str(path)!r}, {loc}: chosen and rejected are the same text")
         pairs.append(PreferencePair(d["prompt"], d["chosen"], d["rejected"]))
     if not pairs:
         raise R1KitError(f"preference file {str(path)!r} has no pairs")
