@@ -6,6 +6,7 @@ saved as YAML in each run folder and checkpoint (`save_config`).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -54,6 +55,16 @@ class PretrainConfig:
     lr: float = 3e-3
     warmup_steps: int = 50
     weight_decay: float = 0.0
+    # Readiness gate (0 = off: a fixed `steps`-long cosine schedule). R1-Zero needs a base that is right
+    # *sometimes*: with the gate on, the learning rate stays at its peak (warm-up, stable, decay) and every
+    # `gate_every` steps from `gate_min_steps` the model is sampled on `gate_problems` fresh training
+    # problems at the rollout temperature; once their pass@1 reaches `gate_pass1`, the rate decays over
+    # `decay_frac` of the steps done and training stops. `steps` caps the whole run, decay included.
+    gate_pass1: float = 0.0
+    gate_every: int = 250
+    gate_min_steps: int = 750
+    gate_problems: int = 64
+    decay_frac: float = 0.25
 
 
 @dataclass
@@ -349,13 +360,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def _merge(base: dict[str, Any], path: list[str], value: Any) -> None:
-    node = base
+def _merge(base: dict[str, Any], path: list[str], value: Any, cls: type | None = None) -> None:
+    """Set `path` to `value` in the nested dict `base`. Descending into a mapping-valued field that `base`
+    does not set yet (e.g. `grpo.reward_weights.format=0.2`) starts from that field's default, so the
+    override changes one key instead of dropping the others; config sections start empty as before."""
+    node, owner = base, cls
     for p in path[:-1]:
+        tp = typing.get_type_hints(owner).get(p) if owner is not None and dataclasses.is_dataclass(owner) else None
+        if p not in node and tp is not None and not dataclasses.is_dataclass(tp) and typing.get_origin(tp) is dict:
+            node[p] = copy.deepcopy(getattr(owner(), p))
         child = node.setdefault(p, {})
         if not isinstance(child, dict):
             raise R1KitError(f"override {'.'.join(path)!r}: {p!r} is not a section")
-        node = child
+        node, owner = child, tp if tp is not None and dataclasses.is_dataclass(tp) else None
     node[path[-1]] = value
 
 
@@ -379,7 +396,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     data = load_yaml(path) if path is not None else {}
     for o in overrides:
         keys, value = parse_override(o)
-        _merge(data, keys, value)
+        _merge(data, keys, value, cls)
     return from_dict(cls, data)
 
 

@@ -14,6 +14,18 @@ def test_defaults_yaml_overrides_in_order(tmp_path):
     assert cfg.grpo.group_size == GRPOConfig().group_size
 
 
+def test_a_dotted_override_into_a_mapping_keeps_its_other_keys(tmp_path):
+    cfg = load_config(RunConfig, None, ["grpo.reward_weights.format=0.2", "task.options.max_digits=4"])
+    assert cfg.grpo.reward_weights == {"accuracy": 1.0, "format": 0.2}  # accuracy kept from the default
+    assert cfg.task.options == {"min_digits": 3, "max_digits": 4}
+    f = tmp_path / "c.yaml"
+    f.write_text("grpo:\n  reward_weights: {accuracy: 1.0}\n")  # a whole mapping in a file replaces the default
+    cfg = load_config(RunConfig, f, ["grpo.reward_weights.language=0.5"])
+    assert cfg.grpo.reward_weights == {"accuracy": 1.0, "language": 0.5}
+    cfg = load_config(RunConfig, None, ["grpo.preset=dapo", "grpo.reward_weights.format=0.3"])
+    assert cfg.grpo.reward_weights["format"] == 0.3 and cfg.grpo.reward_weights["accuracy"] == 1.0
+
+
 @pytest.mark.parametrize("override, fragment", [
     (["grpo.lrr=1"], "unknown config key 'grpo.lrr'"),
     (["nosuch=1"], "unknown config key 'nosuch'"),

@@ -337,28 +337,17 @@ def evaluate_model(ctx: StageContext, model_dir: Path) -> dict[str, float]:
 
 
 def pretrain_stage_model(ctx: StageContext, model_cfg, out: Path, *, steps: int, tokenizer=None) -> dict[str, Any]:
-    """Pretrain a tiny model on the (possibly bilingual) base corpus into `out`; a new tokenizer is
-    trained unless one is given (the student shares its teacher's). Deterministic from the config."""
-    from r1kit.corpus import build_corpus
-    from r1kit.model import build_tiny_model, save_model, train_tokenizer
-    from r1kit.trainers.pretrain import pretrain
+    """Stage 0's pretraining (r1kit.recipes.zero.pretrain_base) on the pipeline's possibly bilingual
+    corpus into `out`; a finished one (kept across an interruption later in the stage) is reused."""
+    from r1kit.recipes.zero import pretrain_base
 
-    cfg, p, pl = ctx.cfg, ctx.cfg.pretrain, ctx.cfg.pipeline
-    if (out / "pretrain.json").exists():  # finished before an interruption later in the stage
+    if (out / "pretrain.json").exists():
         return json.loads((out / "pretrain.json").read_text())
-    t0 = time.time()
-    docs = build_corpus(reasoning_task(cfg), p.corpus_docs, p.direct_frac, p.reflect_frac, cfg.task.template,
-                        random.Random(cfg.seed), zh_frac=pl.corpus_zh_frac, mix_frac=pl.corpus_mix_frac)
-    tok = tokenizer or train_tokenizer((d.prompt + d.completion for d in docs[:5000]), cfg.model.vocab_size)
-    torch.manual_seed(ctx.seed)
-    model = build_tiny_model(model_cfg, tok)
-    log = pretrain(model, tok, docs, replace(p, steps=steps), cfg.seed, show_progress=cfg.log.progress)
-    info = {"seconds": time.time() - t0, "params": sum(x.numel() for x in model.parameters()), "docs": len(docs),
-            "steps": steps, "final_loss": log[-1]["loss"] if log else None}
-    with atomic_dir(out) as tmp:
-        save_model(model, tok, tmp)
-        atomic_write_json(tmp / "pretrain.json", info)
-    return info
+    pl = ctx.cfg.pipeline
+    info = pretrain_base(ctx.cfg, out, reasoning_task(ctx.cfg), model_cfg=model_cfg,
+                         steps=steps, tokenizer=tokenizer, zh_frac=pl.corpus_zh_frac, mix_frac=pl.corpus_mix_frac,
+                         show_progress=ctx.cfg.log.progress)
+    return {k: v for k, v in info.items() if k != "log"}
 
 
 def sft_stage(ctx: StageContext, init: Path, data: Path) -> dict[str, Any]:
@@ -411,10 +400,10 @@ def rl_stage(ctx: StageContext, init: Path, task, weights: dict[str, float], *, 
 def train_for_budget(trainer, budget_s: float, state_path: Path) -> None:
     """RL steps until `budget_s` seconds of steps are spent (or grpo.steps are done), checkpointing every
     log.save_every steps with the seconds spent so far, so a resumed run keeps the same budget.
-    Uses GRPOTrainer's step/save and its checkpoint loader (`_resume`: no public resume hook yet)."""
+    Uses GRPOTrainer's step, save and resume."""
     from r1kit.logger import MetricsLogger
 
-    trainer._resume()
+    trainer.resume()
     spent = json.loads(state_path.read_text())["seconds"] if state_path.exists() and trainer.step_idx else 0.0
     logger = MetricsLogger(trainer.run_dir, tensorboard=False, resume_step=trainer.step_idx)
     every = max(1, trainer.cfg.log.save_every)

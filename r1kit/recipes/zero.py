@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,26 +44,65 @@ def ensure_base_model(cfg: RunConfig, show_progress: bool = True) -> Path:
     if cfg.model.path:
         return Path(cfg.model.path)
     out = base_dir(cfg)
-    if (out / "config.json").exists() and (out / "pretrain.json").exists():
-        return out
+    if not ((out / "config.json").exists() and (out / "pretrain.json").exists()):
+        pretrain_base(cfg, out, make_task(cfg.task.name, **cfg.task.options), show_progress=show_progress)
+    return out
+
+
+def pretrain_base(cfg: RunConfig, out: Path, task, *, model_cfg=None, steps: int | None = None, tokenizer=None,
+                  zh_frac: float = 0.0, mix_frac: float = 0.0, show_progress: bool = True) -> dict[str, Any]:
+    """Pretrain a tiny model from scratch on `task`'s synthetic corpus and write it (atomically) to `out`.
+
+    model_cfg/steps default to cfg.model/cfg.pretrain.steps; a new tokenizer is trained unless one is
+    given (a distilled student shares its teacher's); zh_frac/mix_frac make the corpus bilingual (the R1
+    pipeline's language-mixing material). With pretrain.gate_pass1 > 0 the readiness gate decides when
+    to stop. Deterministic from the config. Returns the record also written to out/pretrain.json."""
     from r1kit.trainers.pretrain import pretrain
 
     setup_torch(cfg)
     t0 = time.time()
-    task = make_task(cfg.task.name, **cfg.task.options)
-    rng = random.Random(cfg.seed)
-    p = cfg.pretrain
-    docs = build_corpus(task, p.corpus_docs, p.direct_frac, p.reflect_frac, cfg.task.template, rng)
-    tokenizer = train_tokenizer((d.prompt + d.completion for d in docs[:5000]), cfg.model.vocab_size)
-    model = build_tiny_model(cfg.model, tokenizer)
-    log = pretrain(model, tokenizer, docs, p, cfg.seed, show_progress=show_progress)
+    p = cfg.pretrain if steps is None else replace(cfg.pretrain, steps=steps)
+    docs = build_corpus(task, p.corpus_docs, p.direct_frac, p.reflect_frac, cfg.task.template,
+                        random.Random(cfg.seed), zh_frac=zh_frac, mix_frac=mix_frac)
+    tokenizer = tokenizer or train_tokenizer((d.prompt + d.completion for d in docs[:5000]), cfg.model.vocab_size)
+    model = build_tiny_model(model_cfg or cfg.model, tokenizer)
+    check = readiness_check(cfg, tokenizer, task) if p.gate_pass1 > 0 else None
+    log = pretrain(model, tokenizer, docs, p, cfg.seed, show_progress=show_progress, check=check)
+    losses = [r for r in log if "loss" in r]
     info = {"seconds": time.time() - t0, "params": sum(x.numel() for x in model.parameters()),
             "docs": len(docs), "styles": {s: sum(d.style == s for d in docs) for s in ("direct", "worked", "reflect")},
-            "log": log}
+            "steps": losses[-1]["step"] + 1, "final_loss": losses[-1]["loss"], "log": log}
+    if p.gate_pass1 > 0:
+        gate = [r for r in log if "gate_pass1" in r]
+        info["gate"] = {"threshold": p.gate_pass1, "passed": any(r["passed"] for r in gate), "checks": gate}
+        if not info["gate"]["passed"]:
+            last = f"{gate[-1]['gate_pass1']:.3f}" if gate else "never checked"
+            warnings.warn(f"stage 0: the base model did not reach pass@1 {p.gate_pass1} within pretrain.steps="
+                          f"{p.steps} (last check: {last}); RL may get no reward signal. Raise pretrain.steps.",
+                          stacklevel=2)
     with atomic_dir(out) as tmp:
         save_model(model, tokenizer, tmp)
         atomic_write_json(tmp / "pretrain.json", info)
-    return out
+    return info
+
+
+def readiness_check(cfg: RunConfig, tokenizer, task):
+    """Stage 0's gate: pass@1 of the model on fresh training problems (never held-out ones), sampled as
+    GRPO will sample them (template, rollout temperature and top-p, max new tokens), 4 samples each."""
+    from r1kit.engine import Engine
+    from r1kit.evaluation import evaluate_problems
+
+    problems = task.train_problems(cfg.pretrain.gate_problems, random.Random(cfg.seed + 104729))
+    g = cfg.grpo
+
+    def check(model) -> float:
+        model.eval()
+        engine = Engine(model, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id)
+        return evaluate_problems(engine, tokenizer, problems, k=4, temperature=g.temperature, top_p=g.top_p,
+                                 max_new_tokens=g.max_new_tokens, template=cfg.task.template, seed=cfg.seed + 1,
+                                 by=()).pass1
+
+    return check
 
 
 def heldout_evaluator(cfg: RunConfig, tokenizer, task):

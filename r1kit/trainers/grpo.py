@@ -154,7 +154,7 @@ class GRPOTrainer:
         """Run to `grpo.steps`; `initial_metrics` (e.g. the base model's evaluation) is logged as step 0."""
         cfg, log_cfg = self.cfg, self.cfg.log
         if resume:
-            self._resume()
+            self.resume()
         logger = MetricsLogger(self.run_dir, log_cfg.tensorboard, resume_step=self.step_idx if resume else None)
         records = []
         if self.step_idx == 0 and (initial_metrics or self.evaluate is not None):
@@ -343,10 +343,12 @@ class GRPOTrainer:
         return save_checkpoint(self.run_dir / "checkpoints", self.step_idx, self.model, self.tokenizer, state,
                                yaml.safe_dump(to_dict(self.cfg), sort_keys=False), keep=self.cfg.log.keep_checkpoints)
 
-    def _resume(self) -> None:
+    def resume(self) -> int:
+        """Load the latest checkpoint under run_dir/checkpoints (weights, optimizer, RNG, step), if any;
+        returns the step it restored (0 when there is none)."""
         ckpt = latest_checkpoint(self.run_dir / "checkpoints")
         if ckpt is None:
-            return
+            return self.step_idx
         from safetensors.torch import load_file
 
         weights = load_file(str(ckpt / "model" / "model.safetensors"))
@@ -358,6 +360,7 @@ class GRPOTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         restore_rng(state["rng"], self.py_rng, self.generator)
         self.step_idx = state["step"]
+        return self.step_idx
 
 
 def decode_completions(tokenizer, rollout: Rollout) -> list[str]:
