@@ -124,13 +124,14 @@ def load_model(path: str | Path, dtype: str = "float32"):
 
 def token_logprobs(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_completion: int,
-    temperature: float = 1.0, with_entropy: bool = False,
+    temperature: float = 1.0, with_entropy: bool = False, entropy_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log p of each of the last `num_completion` tokens given everything before it.
 
     input_ids/attention_mask: [B, T] (prompt left-padded, completion right-padded).
     Returns logprobs [B, num_completion] under softmax(logits / temperature) (the engine's convention)
-    and, if asked, the per-token entropy [B, num_completion] of that distribution.
+    and, if asked, the per-token entropy [B, num_completion] of that distribution (outside the autograd
+    graph when `entropy_grad` is False: a logged metric then costs no [B, Tc, V] activation memory).
     """
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, T] left padding aware
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -143,5 +144,6 @@ def token_logprobs(
     logprobs = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, Tc]
     entropy = None
     if with_entropy:
-        entropy = -(logp_all.exp() * logp_all).sum(-1)  # [B, Tc]
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            entropy = -(logp_all.exp() * logp_all).sum(-1)  # [B, Tc]
     return logprobs, entropy

@@ -74,3 +74,13 @@ def test_token_logprobs_match_a_plain_forward():
     expect = torch.stack([ref[len(prompt) - 1 + i, t] for i, t in enumerate(completion)])
     assert torch.allclose(lp[0], expect, atol=1e-5)
     assert (ent > 0).all()
+
+
+def test_entropy_as_a_metric_stays_out_of_the_graph():
+    model, tok = tiny_pair()
+    ids = torch.tensor([tok("User: 1+2\nAssistant: <think> x </think>").input_ids])
+    mask = torch.ones_like(ids)
+    lp, ent = token_logprobs(model, ids, mask, 4, with_entropy=True, entropy_grad=False)
+    lp2, ent2 = token_logprobs(model, ids, mask, 4, with_entropy=True)
+    assert lp.requires_grad and not ent.requires_grad and ent2.requires_grad
+    assert torch.equal(ent, ent2.detach())

@@ -283,7 +283,8 @@ class GRPOTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             for idx in self._micro_batches(ro.num_rows):
                 ids, mask, tc = micro_inputs(ro, idx)
-                logprobs, entropy = token_logprobs(self.model, ids, mask, tc, g.temperature, with_entropy=True)
+                logprobs, entropy = token_logprobs(self.model, ids, mask, tc, g.temperature, with_entropy=True,
+                                                   entropy_grad=g.entropy_coef != 0)
                 part = lambda x: None if x is None else x[idx, :tc]  # noqa: E731  [B, tc] slice of an [N, Tc]
                 loss, m = policy_objective(
                     logprobs, part(batch.old_logprobs), batch.advantages[idx], part(batch.loss_mask),
