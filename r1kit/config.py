@@ -55,16 +55,17 @@ class PretrainConfig:
     lr: float = 3e-3
     warmup_steps: int = 50
     weight_decay: float = 0.0
-    # Readiness gate (0 = off: a fixed `steps`-long cosine schedule). R1-Zero needs a base that is right
-    # *sometimes*: with the gate on, the learning rate stays at its peak (warm-up, stable, decay) and every
-    # `gate_every` steps from `gate_min_steps` the model is sampled on `gate_problems` fresh training
-    # problems at the rollout temperature; once their pass@1 reaches `gate_pass1`, the rate decays over
-    # `decay_frac` of the steps done and training stops. `steps` caps the whole run, decay included.
+    # Readiness gate (0 = off: one `steps`-long cosine cycle, whatever the result). R1-Zero needs a base
+    # that is right *sometimes*, and whether a tiny model picks up the worked procedure in a fixed budget
+    # varies with the seed. With the gate on, after each cycle the model is sampled on `gate_problems`
+    # fresh training problems (never held-out ones) as GRPO will sample them; below `gate_pass1` another
+    # cosine cycle of `extend_steps` follows (warm restart, peak lr x `restart_lr_scale`), while the total
+    # stays within `max_steps`.
     gate_pass1: float = 0.0
-    gate_every: int = 250
-    gate_min_steps: int = 750
     gate_problems: int = 64
-    decay_frac: float = 0.25
+    extend_steps: int = 1000
+    max_steps: int = 5000
+    restart_lr_scale: float = 0.5
 
 
 @dataclass

@@ -10,6 +10,7 @@ final/, eval_base/, eval_final/, summary.json}.
 """
 from __future__ import annotations
 
+import json
 import random
 import time
 import warnings
@@ -77,9 +78,9 @@ def pretrain_base(cfg: RunConfig, out: Path, task, *, model_cfg=None, steps: int
         info["gate"] = {"threshold": p.gate_pass1, "passed": any(r["passed"] for r in gate), "checks": gate}
         if not info["gate"]["passed"]:
             last = f"{gate[-1]['gate_pass1']:.3f}" if gate else "never checked"
-            warnings.warn(f"stage 0: the base model did not reach pass@1 {p.gate_pass1} within pretrain.steps="
-                          f"{p.steps} (last check: {last}); RL may get no reward signal. Raise pretrain.steps.",
-                          stacklevel=2)
+            warnings.warn(f"stage 0: the base model did not reach pass@1 {p.gate_pass1} within pretrain.max_steps="
+                          f"{p.max_steps} (last check: {last}); RL may get little reward signal. Raise "
+                          f"pretrain.max_steps or pretrain.steps.", stacklevel=2)
     with atomic_dir(out) as tmp:
         save_model(model, tokenizer, tmp)
         atomic_write_json(tmp / "pretrain.json", info)
@@ -156,7 +157,9 @@ def run_zero(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     final_eval = results.get(trainer.step_idx) or evaluate(trainer.engine, trainer.step_idx, run_dir / "eval_final")
     with atomic_dir(run_dir / "final") as tmp:
         save_model(model, tokenizer, tmp)
+    stage0 = json.loads((base / "pretrain.json").read_text()) if (base / "pretrain.json").exists() else {}
     summary = {"name": cfg.name, "seed": cfg.seed, "base_model": str(base), "base": base_eval, "final": final_eval,
+               "pretrain": {k: stage0[k] for k in ("steps", "params", "gate") if k in stage0},
                "seconds": {"pretrain": t_base, "rl": t_rl, "total": time.time() - t0}, "steps": trainer.step_idx}
     atomic_write_json(run_dir / "summary.json", summary)
     return summary

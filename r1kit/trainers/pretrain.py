@@ -1,20 +1,22 @@
 """Stage 0: pretrain the tiny base model from scratch on the synthetic corpus.
 
-A plain next-token loop: batches of whole documents, right-padded, AdamW. Two schedules:
-  fixed   (gate off) warm-up, then cosine decay to 10% of the peak over exactly `steps` steps;
-  gated   (gate on)  warm-up, a stable peak until the readiness check passes, then cosine decay over
-          `decay_frac` of the steps done (the warm-up/stable/decay shape of MiniCPM's WSD schedule, which
-          lets the run stop at a point chosen during training). The check is a callable model -> score,
-          evaluated every `gate_every` steps; `steps` caps the run, decay included, whether or not it passes.
+A plain next-token loop: batches of whole documents, right-padded, AdamW; warm-up, then cosine decay to 10%
+of the peak over `steps` steps. With the readiness gate on (`gate_pass1` > 0) the model is checked at the
+end of that cycle (a callable model -> pass@1) and, while it is below the gate, trained for another cosine
+cycle of `extend_steps` (a warm restart as in SGDR, at `restart_lr_scale` x the peak; the optimizer state
+carries over) as long as the total stays within `max_steps`. A check happens only on an annealed model:
+at the peak rate the sampled accuracy of these tiny models is mostly noise.
 """
 from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from typing import Callable
 
@@ -31,49 +33,38 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
-def decay_lr(step: int, start: int, length: int, peak: float) -> float:
-    """Cosine from `peak` at `start` down to 10% of it at `start + length`."""
-    frac = (step - start) / max(1, length)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, frac)))))
-
-
 class Schedule:
-    """The learning rate per step, and when to stop; `gated` waits for `pass_gate(step)` to fix the decay."""
+    """The learning rate per step as a list of cosine cycles [(start, length, peak)]; the gate appends one."""
 
-    def __init__(self, cfg: PretrainConfig, gated: bool):
-        self.cfg, self.gated, self.total = cfg, gated, cfg.steps
-        # without a pass, decay starts where its length (decay_frac of the steps before it) ends on the cap
-        self.decay_start = round(cfg.steps / (1 + cfg.decay_frac)) if gated else cfg.warmup_steps
-        self.passed_at: int | None = None
+    def __init__(self, cfg: PretrainConfig):
+        self.cfg = cfg
+        self.cycles = [(0, cfg.steps, cfg.lr)]
+
+    @property
+    def total(self) -> int:
+        start, length, _ = self.cycles[-1]
+        return start + length
 
     def lr(self, step: int) -> float:
-        c = self.cfg
-        if not self.gated:
-            return lr_at(step, c.steps, c.warmup_steps, c.lr)
-        if step < c.warmup_steps:
-            return c.lr * (step + 1) / c.warmup_steps
-        if step < self.decay_start:
-            return c.lr
-        return decay_lr(step, self.decay_start, self.total - self.decay_start, c.lr)
+        start, length, peak = next(c for c in reversed(self.cycles) if c[0] <= step)
+        return lr_at(step - start, length, min(self.cfg.warmup_steps, length), peak)
 
-    def wants_check(self, step: int) -> bool:
-        c = self.cfg
-        return (self.gated and self.passed_at is None and step >= c.gate_min_steps and step < self.decay_start
-                and step % c.gate_every == 0)
+    def can_extend(self) -> bool:
+        return self.total + self.cfg.extend_steps <= self.cfg.max_steps
 
-    def pass_gate(self, step: int) -> None:
-        self.passed_at, self.decay_start = step, step
-        self.total = min(self.cfg.steps, step + max(1, round(self.cfg.decay_frac * step)))
+    def extend(self) -> None:
+        c = self.cfg
+        self.cycles.append((self.total, c.extend_steps, c.lr * c.restart_lr_scale ** len(self.cycles)))
 
 
 def validate(cfg: PretrainConfig) -> None:
     checks = [("steps", cfg.steps > 0, "a positive integer"), ("batch_size", cfg.batch_size > 0, "a positive integer"),
               ("lr", cfg.lr > 0, "positive"), ("warmup_steps", cfg.warmup_steps >= 1, "at least 1"),
               ("gate_pass1", 0 <= cfg.gate_pass1 <= 1, "in [0, 1] (0 = no readiness gate)"),
-              ("gate_every", cfg.gate_every > 0, "a positive integer"),
-              ("gate_min_steps", cfg.gate_min_steps >= 0, "0 or more"),
               ("gate_problems", cfg.gate_problems > 0, "a positive integer"),
-              ("decay_frac", 0 < cfg.decay_frac <= 1, "in (0, 1]")]
+              ("extend_steps", cfg.extend_steps > 0, "a positive integer"),
+              ("max_steps", cfg.max_steps >= cfg.steps, f"at least pretrain.steps ({cfg.steps})"),
+              ("restart_lr_scale", 0 < cfg.restart_lr_scale <= 1, "in (0, 1]")]
     for name, ok, expected in checks:
         if not ok:
             raise R1KitError(f"pretrain.{name} = {getattr(cfg, name)!r}: expected {expected}")
@@ -82,7 +73,7 @@ def validate(cfg: PretrainConfig) -> None:
 def pretrain(model, tokenizer, docs: list[CorpusDoc], cfg: PretrainConfig, seed: int,
              show_progress: bool = True, check: Callable[[object], float] | None = None) -> list[dict]:
     """Train `model` in place; returns one metrics record per 50 steps plus one per readiness check
-    ({"step", "gate_pass1", "passed"}). `check` (model -> pass@1) is used when cfg.gate_pass1 > 0."""
+    ({"step", "gate_pass1", "passed"}). `check` (model -> pass@1) is called when cfg.gate_pass1 > 0."""
     validate(cfg)
     gated = cfg.gate_pass1 > 0
     if gated and check is None:
@@ -93,21 +84,27 @@ def pretrain(model, tokenizer, docs: list[CorpusDoc], cfg: PretrainConfig, seed:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     model.train()
     pad = tokenizer.pad_token_id
-    sched = Schedule(cfg, gated)
+    sched = Schedule(cfg)
     log, t0 = [], time.time()
     bar = progress_bar(None, desc="pretrain", enabled=show_progress, total=cfg.steps)
     step = 0
-    while step < sched.total:
-        if sched.wants_check(step):
+    while True:
+        if step == sched.total:  # the end of a cycle
+            if not gated:
+                break
             score = check(model)
             model.train()
             passed = score >= cfg.gate_pass1
             log.append({"step": step, "gate_pass1": score, "passed": passed, "time": time.time() - t0})
-            if passed:
-                sched.pass_gate(step)
-                bar.reset(total=sched.total)
-                bar.update(step)
-            bar.set_postfix(gate=f"{score:.2f}")
+            extend = not passed and sched.can_extend()
+            tqdm.write(f"stage 0 readiness check after {step} steps: sampled pass@1 {score:.3f} "
+                       f"({'passed' if passed else 'below'} {cfg.gate_pass1}"
+                       f"{'; training another cycle' if extend else ''})", file=sys.stderr)
+            if not extend:
+                break
+            sched.extend()
+            bar.total = sched.total
+            bar.refresh()
         batch = rng.sample(encoded, cfg.batch_size) if len(encoded) >= cfg.batch_size else rng.choices(encoded, k=cfg.batch_size)
         width = max(map(len, batch))
         ids = torch.full((len(batch), width), pad, dtype=torch.long)  # [B, T]
