@@ -12,7 +12,7 @@ model folder; default: pretrain zero-tiny's base once into <out>/base, or reuse 
 A smoke run in about a minute (a tiny base, 3 steps, results kept out of benchmarks/results):
 
     python benchmarks/ablate_grpo.py model.hidden_size=32 model.num_layers=1 model.num_heads=2 \\
-        model.num_kv_heads=2 model.intermediate_size=64 pretrain.steps=30 pretrain.corpus_docs=600 \\
+        model.num_kv_heads=2 model.intermediate_size=64 pretrain.steps=30 pretrain.gate_pass1=0 pretrain.corpus_docs=600 \\
         eval.num_problems=8 eval.k=1 eval.max_new_tokens=32 grpo.prompts_per_step=4 grpo.group_size=4 \\
         grpo.max_new_tokens=32 --steps 3 --eval-every 1 --seeds 0 1 --out /tmp/abl --results /tmp/abl/results
 
