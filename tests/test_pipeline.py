@@ -184,3 +184,17 @@ def test_rl_task_stamps_language_and_hides_general_answers():
     general = [p for p in probs if p.meta.get("scenario") == "general"]
     assert len(general) == 2 and all(p.answer == "" and p.meta["reference"] for p in general)
     assert all(p.meta["lang"] == "zh" for p in probs) and all(p.meta["lang"] == "zh" for p in task.test_problems())
+
+
+def test_gate_settings_enter_a_stage_identity_only_when_the_gate_is_on():
+    stage = r1.STAGES["base"]
+    cfg = RunConfig()
+    ident = r1.stage_identity(cfg, stage, {}, {})
+    moved = replace(cfg, pretrain=replace(cfg.pretrain, max_steps=9999, extend_steps=7))
+    assert r1.stage_identity(moved, stage, {}, {}) == ident  # dormant while gate_pass1 = 0
+    gated = replace(cfg, pretrain=replace(cfg.pretrain, gate_pass1=0.2))
+    assert r1.stage_identity(gated, stage, {}, {}) != ident
+    gated_moved = replace(gated, pretrain=replace(gated.pretrain, max_steps=9999))
+    assert r1.stage_identity(gated_moved, stage, {}, {}) != r1.stage_identity(gated, stage, {}, {})
+    other = replace(cfg, pretrain=replace(cfg.pretrain, steps=cfg.pretrain.steps + 1))
+    assert r1.stage_identity(other, stage, {}, {}) != ident

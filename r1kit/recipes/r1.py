@@ -182,11 +182,25 @@ def config_value(cfg: RunConfig, key: str) -> Any:
 
 def stage_identity(cfg: RunConfig, stage: Stage, parents: dict[str, dict], explicit: dict[str, str]) -> tuple[str, str]:
     """(config hash, identity): the hash of the keys the stage reads; that plus its inputs' identities."""
-    keys = {k: config_value(cfg, k) for k in (*ALWAYS_HASHED, *stage.keys)}
+    keys = {k: _hashed_value(k, config_value(cfg, k)) for k in (*ALWAYS_HASHED, *stage.keys)}
     config_hash = hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
     lineage = {"config": config_hash, "parents": {p: r["identity"] for p, r in sorted(parents.items())},
                "explicit": {p: fingerprint(v) for p, v in sorted(explicit.items())}}
     return config_hash, hashlib.sha256(json.dumps(lineage, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Settings that do nothing while their switch is off, hashed only when it is on: a stage finished before
+# they existed keeps its identity, so an upgrade of r1kit does not force a rerun (section -> switch, keys).
+DORMANT_KEYS = {"pretrain": ("gate_pass1", ("gate_pass1", "gate_problems", "extend_steps", "max_steps",
+                                            "restart_lr_scale"))}
+
+
+def _hashed_value(key: str, value: Any) -> Any:
+    if key in DORMANT_KEYS and isinstance(value, dict):
+        switch, dormant = DORMANT_KEYS[key]
+        if not value.get(switch):
+            return {k: v for k, v in value.items() if k not in dormant}
+    return value
 
 
 def stage_seed(cfg: RunConfig, stage: str) -> int:
@@ -344,7 +358,7 @@ def pretrain_stage_model(ctx: StageContext, model_cfg, out: Path, *, steps: int,
     if (out / "pretrain.json").exists():
         return json.loads((out / "pretrain.json").read_text())
     pl = ctx.cfg.pipeline
-    info = pretrain_base(ctx.cfg, out, reasoning_task(ctx.cfg), model_cfg=model_cfg,
+    info = pretrain_base(ctx.cfg, out, reasoning_task(ctx.cfg), model_cfg=model_cfg, init_seed=ctx.seed,
                          steps=steps, tokenizer=tokenizer, zh_frac=pl.corpus_zh_frac, mix_frac=pl.corpus_mix_frac,
                          show_progress=ctx.cfg.log.progress)
     return {k: v for k, v in info.items() if k != "log"}

@@ -51,13 +51,15 @@ def ensure_base_model(cfg: RunConfig, show_progress: bool = True) -> Path:
 
 
 def pretrain_base(cfg: RunConfig, out: Path, task, *, model_cfg=None, steps: int | None = None, tokenizer=None,
-                  zh_frac: float = 0.0, mix_frac: float = 0.0, show_progress: bool = True) -> dict[str, Any]:
+                  zh_frac: float = 0.0, mix_frac: float = 0.0, init_seed: int | None = None,
+                  show_progress: bool = True) -> dict[str, Any]:
     """Pretrain a tiny model from scratch on `task`'s synthetic corpus and write it (atomically) to `out`.
 
     model_cfg/steps default to cfg.model/cfg.pretrain.steps; a new tokenizer is trained unless one is
     given (a distilled student shares its teacher's); zh_frac/mix_frac make the corpus bilingual (the R1
-    pipeline's language-mixing material). With pretrain.gate_pass1 > 0 the readiness gate decides when
-    to stop. Deterministic from the config. Returns the record also written to out/pretrain.json."""
+    pipeline's language-mixing material); init_seed (default cfg.seed) seeds the weight initialisation.
+    With pretrain.gate_pass1 > 0 the readiness gate decides when to stop. Deterministic from the config.
+    Returns the record also written to out/pretrain.json."""
     from r1kit.trainers.pretrain import pretrain
 
     setup_torch(cfg)
@@ -66,6 +68,7 @@ def pretrain_base(cfg: RunConfig, out: Path, task, *, model_cfg=None, steps: int
     docs = build_corpus(task, p.corpus_docs, p.direct_frac, p.reflect_frac, cfg.task.template,
                         random.Random(cfg.seed), zh_frac=zh_frac, mix_frac=mix_frac)
     tokenizer = tokenizer or train_tokenizer((d.prompt + d.completion for d in docs[:5000]), cfg.model.vocab_size)
+    torch.manual_seed(cfg.seed if init_seed is None else init_seed)
     model = build_tiny_model(model_cfg or cfg.model, tokenizer)
     check = readiness_check(cfg, tokenizer, task) if p.gate_pass1 > 0 else None
     log = pretrain(model, tokenizer, docs, p, cfg.seed, show_progress=show_progress, check=check)
