@@ -1,7 +1,7 @@
 """The R1 acceptance run: `r1kit pipeline r1-tiny` per seed (every stage from scratch) plus the
 R1-Zero + language-reward ablation, and one table of every stage's held-out evaluation.
 
-    python benchmarks/r1_pipeline.py --seeds 0 [1 2] [--out runs/r1] [key=value ...]
+    python benchmarks/r1_pipeline.py --seeds 0 [1 2] [--out runs/r1] [--jobs N] [key=value ...]
 
 Writes benchmarks/results/r1_pipeline.{json,md}. Each seed's pipeline is one `r1kit pipeline` process
 (resumable: a rerun skips finished stages, so an interrupted benchmark continues). Cells are mean ± std
@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,10 +152,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--out", default="runs/r1")
+    ap.add_argument("--jobs", type=int, default=1, help="seeds run at once (r1-tiny uses one thread per process)")
     ap.add_argument("overrides", nargs="*")
     ns = ap.parse_args()
     out = (ROOT / ns.out).resolve()
-    runs = [run_seed(s, out, ns.overrides) for s in ns.seeds]
+    with ThreadPoolExecutor(max_workers=max(1, ns.jobs)) as pool:
+        runs = list(pool.map(lambda s: run_seed(s, out, ns.overrides), ns.seeds))
     write_results(runs, ns.seeds)
 
 
