@@ -189,17 +189,15 @@ def stage_identity(cfg: RunConfig, stage: Stage, parents: dict[str, dict], expli
     return config_hash, hashlib.sha256(json.dumps(lineage, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# Settings that do nothing while their switch is off, hashed only when it is on: a stage finished before
-# they existed keeps its identity, so an upgrade of r1kit does not force a rerun (section -> switch, keys).
-DORMANT_KEYS = {"pretrain": ("gate_pass1", ("gate_pass1", "gate_problems", "extend_steps", "max_steps",
-                                            "restart_lr_scale"))}
+# Settings inert while their switch is off are hashed only when it is on, so stages finished before they
+# existed keep their identity across an upgrade (section -> (switch, keys)).
+DORMANT_KEYS = {"pretrain": ("gate_pass1", ("gate_pass1", "gate_problems", "extend_steps", "max_steps", "restart_lr_scale"))}
 
 
 def _hashed_value(key: str, value: Any) -> Any:
-    if key in DORMANT_KEYS and isinstance(value, dict):
-        switch, dormant = DORMANT_KEYS[key]
-        if not value.get(switch):
-            return {k: v for k, v in value.items() if k not in dormant}
+    switch, dormant = DORMANT_KEYS.get(key, ("", ()))
+    if dormant and isinstance(value, dict) and not value.get(switch):
+        return {k: v for k, v in value.items() if k not in dormant}
     return value
 
 
