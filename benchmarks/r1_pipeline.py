@@ -146,6 +146,33 @@ def write_results(runs: list[dict], seeds: list[int]) -> None:
             md.append(f"  reward model: validation pairwise accuracy {rm['val_before']['accuracy']:.3f} -> {rm['val_after']['accuracy']:.3f}.")
     (RESULTS / "r1_pipeline.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
+    plot(table, seeds, RESULTS / "r1_pipeline.png")
+
+
+def plot(table: list[dict], seeds: list[int], path: Path) -> None:
+    """Held-out pass@1 and off-target rate per model, one bar per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [row["model"].strip() for row in table]
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.8), sharey=True)
+    width = 0.8 / max(1, len(seeds))
+    for ax, (col, title) in zip(axes, (("pass1", "held-out pass@1 (k=4, T=0.6)"), ("off_target_rate", "off-target language rate"))):
+        for j, seed in enumerate(seeds):
+            ys = [i + (j - (len(seeds) - 1) / 2) * width for i in range(len(table))]
+            xs = [row[col][j] if j < len(row[col]) else 0.0 for row in table]
+            ax.barh(ys, xs, height=width, label=f"seed {seed}")
+        ax.set_title(title)
+        ax.set_xlim(0, 1)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(table)), labels, fontsize=8)
+    axes[0].invert_yaxis()
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 def main() -> None:
