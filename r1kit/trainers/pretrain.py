@@ -13,12 +13,11 @@ import math
 import random
 import sys
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-
-from typing import Callable
 
 from r1kit.config import PretrainConfig
 from r1kit.corpus import CorpusDoc
