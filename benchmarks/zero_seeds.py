@@ -33,9 +33,11 @@ def run_seed(seed: int, out: Path, overrides: list[str]) -> dict:
         print(f"seed {seed}: {time.time() - t0:.0f}s wall", flush=True)
     s = json.loads(summary.read_text())
     info = json.loads((Path(s["base_model"]) / "pretrain.json").read_text())
-    s["pretrain_steps"] = info.get("steps", 0)
-    checks = info.get("gate", {}).get("checks", [])
-    s["gate_pass1"] = checks[-1]["gate_pass1"] if checks else float("nan")
+    s["pretrain_steps"] = info.get("total_steps", info.get("steps", 0))  # all attempts
+    gate = info.get("gate", {})
+    kept = [c for c in gate.get("checks", []) if c.get("attempt", 0) == gate.get("kept_attempt", 0)]
+    s["attempts"] = 1 + max((c.get("attempt", 0) for c in gate.get("checks", [])), default=0)
+    s["gate_pass1"] = kept[-1]["gate_pass1"] if kept else float("nan")
     s["metrics"] = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines() if x.strip()]
     return s
 
@@ -60,13 +62,15 @@ def main() -> None:
         rows.append({"seed": r["seed"], "base_pass1": b["pass1"], "final_pass1": f["pass1"], "base_cons": b["cons"],
                      "final_cons": f["cons"], "base_len": b["mean_length"], "final_len": f["mean_length"],
                      "base_reflection": b["reflection_rate"], "final_reflection": f["reflection_rate"],
-                     "pretrain_steps": r.get("pretrain_steps", 0), "gate_pass1": r.get("gate_pass1", float("nan")),
+                     "pretrain_steps": r.get("pretrain_steps", 0), "attempts": r["attempts"],
+                     "gate_pass1": r.get("gate_pass1", float("nan")),
                      "pretrain_s": r["seconds"]["pretrain"], "rl_s": r["seconds"]["rl"], "total_s": r["seconds"]["total"]})
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "zero_seeds.json").write_text(json.dumps(rows, indent=2) + "\n")
     cols = list(rows[0])[1:]
     md = ["| seed | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    md += [f"| {r['seed']} | " + " | ".join(f"{r[c]:.3f}" if c.endswith(("pass1", "cons", "reflection")) else f"{r[c]:.1f}"
+    md += [f"| {r['seed']} | " + " | ".join(f"{r[c]:.3f}" if c.endswith(("pass1", "cons", "reflection"))
+                                             else str(r[c]) if c == "attempts" else f"{r[c]:.1f}"
                                              for c in cols) + " |" for r in rows]
     md.append("| mean ± std | " + " | ".join(mean_std([r[c] for r in rows]) for c in cols) + " |")
     (RESULTS / "zero_seeds.md").write_text("\n".join(md) + "\n")

@@ -90,7 +90,7 @@ def cmd_pretrain(argv: list[str]) -> int:
         print(f"base model already complete at {base_dir(cfg)}")
     path = ensure_base_model(cfg, cfg.log.progress)
     info = json.loads((path / "pretrain.json").read_text())
-    print(f"base model at {path}: {info['params']:,} parameters, {info['seconds']:.0f}s, final loss {info['log'][-1]['loss']:.3f}")
+    print(f"base model at {path}: {info['params']:,} parameters, {info['seconds']:.0f}s, final loss {info['final_loss']:.3f}")
     return 0
 
 

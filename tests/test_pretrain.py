@@ -1,16 +1,19 @@
-"""Stage 0: the fixed cosine schedule, the readiness-gated warm-up/stable/decay schedule, and its errors."""
+"""Stage 0: length-bucketed batches and their loss weighting, the cosine schedule, the readiness gate's two
+actions (warm-restart cycles on the same model, fresh attempts) and its errors."""
 from __future__ import annotations
 
 import json
 import random
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from r1kit.config import PretrainConfig, RunConfig, load_config
 from r1kit.corpus import build_corpus
 from r1kit.recipes.zero import ensure_base_model
 from r1kit.tasks import make_task
-from r1kit.trainers.pretrain import Schedule, lr_at, pretrain
+from r1kit.trainers.pretrain import Schedule, batch_loss, batches, lr_at, pretrain
 from r1kit.types import R1KitError
 from tests.helpers import tiny_pair
 
@@ -101,6 +104,7 @@ def test_stage0_with_the_gate_records_every_check(tmp_path):
         "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=2",
         "model.intermediate_size=64", "model.vocab_size=300", "pretrain.corpus_docs=200", "pretrain.steps=6",
         "pretrain.batch_size=8", "pretrain.warmup_steps=2", "pretrain.gate_pass1=1.0", "pretrain.extend_steps=3",
+        "pretrain.gate_action=extend",
         "pretrain.max_steps=12", "pretrain.gate_problems=4", "grpo.max_new_tokens=16"])
     with pytest.warns(UserWarning, match="did not reach pass@1 1.0 within pretrain.max_steps=12"):
         out = ensure_base_model(cfg, show_progress=False)
@@ -109,3 +113,77 @@ def test_stage0_with_the_gate_records_every_check(tmp_path):
     assert [c["step"] for c in info["gate"]["checks"]] == [6, 9, 12]
     assert all(0.0 <= c["gate_pass1"] <= 1.0 for c in info["gate"]["checks"])
     assert info["steps"] == 12 and (out / "model.safetensors").exists()
+
+
+def test_bucketed_batches_partition_each_draw_by_length():
+    encoded = [[1] * n for n in random.Random(3).choices(range(2, 40), k=50)]
+    draws = batches(encoded, 3, 4, random.Random(0))
+    group = [next(draws) for _ in range(4)]  # one draw: 12 documents, no document twice
+    ids = [id(d) for b in group for d in b]
+    assert len(set(ids)) == 12 and all(len(b) == 3 for b in group)
+    spans = sorted((min(map(len, b)), max(map(len, b))) for b in group)
+    assert all(hi <= lo_next for (_, hi), (lo_next, _) in zip(spans, spans[1:]))  # batches do not interleave
+    plain, rng = batches(encoded, 3, 1, random.Random(0)), random.Random(0)
+    assert [next(plain) for _ in range(5)] == [rng.sample(encoded, 3) for _ in range(5)]  # pool 1: plain batches
+
+
+def test_bucketed_objective_weighs_every_token_as_one_mixed_batch_does():
+    """Over a draw that covers the corpus, the bucketed batches' objectives (sum / expected tokens) add up to
+    the per-token mean of one batch holding every document: float64 gradients agree."""
+    model, tok = tiny_pair()
+    model = model.double()
+    encoded = [tok(d.prompt + d.completion + tok.eos_token).input_ids for d in _docs(8)]
+    assert len({len(e) for e in encoded}) > 2
+    per = 2 * sum(len(e) - 1 for e in encoded) / len(encoded)
+    draws = batches(encoded, 2, 4, random.Random(1))
+    model.zero_grad()
+    for _ in range(4):
+        (batch_loss(model, next(draws), tok.pad_token_id, per)[0] / 4).backward()
+    bucketed = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    objective, mean = batch_loss(model, encoded, tok.pad_token_id)
+    assert torch.equal(objective.detach(), mean)
+    objective.backward()
+    for g, ref in zip(bucketed, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-12)
+
+
+def _gated(tmp_path, name, *extra):
+    return load_config(RunConfig, None, [
+        f"output_dir={tmp_path}", f"name={name}", "threads=1",
+        "task.options={min_digits: 1, max_digits: 1, num_test: 10}", "model.hidden_size=32", "model.num_layers=1",
+        "model.num_heads=2", "model.num_kv_heads=2", "model.intermediate_size=64", "model.vocab_size=300",
+        "pretrain.corpus_docs=200", "pretrain.steps=6", "pretrain.batch_size=8", "pretrain.warmup_steps=2",
+        "pretrain.gate_problems=4", "grpo.max_new_tokens=16", *extra])
+
+
+def _scripted_gate(monkeypatch, scores):
+    from r1kit.recipes import zero
+
+    it = iter(scores)
+    monkeypatch.setattr(zero, "readiness_check", lambda cfg, tok, task: lambda model: next(it))
+
+
+def test_a_failed_attempt_restarts_on_a_new_corpus_init_and_batch_order(tmp_path, monkeypatch, capsys):
+    _scripted_gate(monkeypatch, [0.1, 0.6])
+    cfg = _gated(tmp_path, "r", "pretrain.gate_pass1=0.5", "pretrain.max_steps=100")
+    info = json.loads((ensure_base_model(cfg, show_progress=False) / "pretrain.json").read_text())
+    assert "attempt 0: sampled pass@1 0.100 is below the readiness gate 0.5; starting attempt 1" in capsys.readouterr().err
+    gate = info["gate"]
+    assert [(c["attempt"], c["step"], c["gate_pass1"]) for c in gate["checks"]] == [(0, 6, 0.1), (1, 6, 0.6)]
+    assert gate["passed"] and gate["kept_attempt"] == 1 and info["steps"] == 6 and info["total_steps"] == 12
+    plain = ensure_base_model(_gated(tmp_path, "plain"), show_progress=False)
+    kept, first = load_file(tmp_path / "r" / "base" / "model.safetensors"), load_file(plain / "model.safetensors")
+    assert any(not torch.equal(kept[k], first[k]) for k in first)  # attempt 1 is another model
+
+
+def test_when_every_attempt_fails_the_best_one_is_kept_and_it_is_the_plain_run(tmp_path, monkeypatch):
+    _scripted_gate(monkeypatch, [0.3, 0.1, 0.2])
+    cfg = _gated(tmp_path, "r", "pretrain.gate_pass1=0.5", "pretrain.max_steps=20")  # room for 3 attempts, not 4
+    with pytest.warns(UserWarning, match="did not reach pass@1 0.5 within pretrain.max_steps=20 \\(best 0.300, kept\\)"):
+        out = ensure_base_model(cfg, show_progress=False)
+    info = json.loads((out / "pretrain.json").read_text())
+    assert info["gate"]["kept_attempt"] == 0 and info["total_steps"] == 18 and not info["gate"]["passed"]
+    plain = ensure_base_model(_gated(tmp_path, "plain"), show_progress=False)  # no gate: attempt 0 alone
+    kept, first = load_file(out / "model.safetensors"), load_file(plain / "model.safetensors")
+    assert kept.keys() == first.keys() and all(torch.equal(kept[k], first[k]) for k in first)

@@ -191,7 +191,8 @@ def stage_identity(cfg: RunConfig, stage: Stage, parents: dict[str, dict], expli
 
 # Settings inert while their switch is off are hashed only when it is on, so stages finished before they
 # existed keep their identity across an upgrade (section -> (switch, keys)).
-DORMANT_KEYS = {"pretrain": ("gate_pass1", ("gate_pass1", "gate_problems", "extend_steps", "max_steps", "restart_lr_scale"))}
+DORMANT_KEYS = {"pretrain": ("gate_pass1", ("gate_pass1", "gate_problems", "gate_action", "extend_steps", "max_steps",
+                                            "restart_lr_scale"))}
 
 
 def _hashed_value(key: str, value: Any) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 import warnings
 from dataclasses import replace
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from r1kit.config import RunConfig, save_config
 from r1kit.corpus import build_corpus
@@ -27,6 +29,7 @@ from r1kit.model import build_tiny_model, load_model, save_model, train_tokenize
 from r1kit.tasks import make_task
 from r1kit.types import R1KitError
 
+ATTEMPT_STRIDE = 7907  # attempt k of stage 0 seeds its initialisation and batch order with seed + 7907 k
 EVAL_KEYS = ("pass1", "cons", "format_rate", "no_answer_rate", "reflection_rate", "mean_length")
 
 
@@ -58,31 +61,64 @@ def pretrain_base(cfg: RunConfig, out: Path, task, *, model_cfg=None, steps: int
     model_cfg/steps default to cfg.model/cfg.pretrain.steps; a new tokenizer is trained unless one is
     given (a distilled student shares its teacher's); zh_frac/mix_frac make the corpus bilingual (the R1
     pipeline's language-mixing material); init_seed (default cfg.seed) seeds the weight initialisation.
-    With pretrain.gate_pass1 > 0 the readiness gate decides when to stop. Deterministic from the config.
+    With pretrain.gate_pass1 > 0 the readiness gate decides when to stop: a base below it is trained further
+    (gate_action "extend") or pretrained again on a new corpus draw, from a new initialisation, in a new batch
+    order ("restart"), within pretrain.max_steps in all; the best attempt is kept. Deterministic from the config.
     Returns the record also written to out/pretrain.json."""
     from r1kit.trainers.pretrain import pretrain
 
     setup_torch(cfg)
     t0 = time.time()
     p = cfg.pretrain if steps is None else replace(cfg.pretrain, steps=steps)
-    docs = build_corpus(task, p.corpus_docs, p.direct_frac, p.reflect_frac, cfg.task.template,
-                        random.Random(cfg.seed), zh_frac=zh_frac, mix_frac=mix_frac)
+
+    def corpus(k: int):
+        return build_corpus(task, p.corpus_docs, p.direct_frac, p.reflect_frac, cfg.task.template,
+                            random.Random(cfg.seed + ATTEMPT_STRIDE * k), zh_frac=zh_frac, mix_frac=mix_frac)
+
+    docs = corpus(0)
     tokenizer = tokenizer or train_tokenizer((d.prompt + d.completion for d in docs[:5000]), cfg.model.vocab_size)
-    torch.manual_seed(cfg.seed if init_seed is None else init_seed)
-    model = build_tiny_model(model_cfg or cfg.model, tokenizer)
     check = readiness_check(cfg, tokenizer, task) if p.gate_pass1 > 0 else None
-    log = pretrain(model, tokenizer, docs, p, cfg.seed, show_progress=show_progress, check=check)
-    losses = [r for r in log if "loss" in r]
+    restart = p.gate_pass1 > 0 and p.gate_action == "restart"
+    init = cfg.seed if init_seed is None else init_seed
+    attempts, best, used = [], None, 0
+    while True:
+        # Attempt k: a fresh corpus draw, initialisation and batch order (k = 0 is the plain run); the
+        # tokenizer stays. With the gate's "restart" action an attempt is one `steps`-long cycle; "extend"
+        # lets it grow by warm restarts instead.
+        k = len(attempts)
+        docs = docs if k == 0 else corpus(k)
+        torch.manual_seed(init + ATTEMPT_STRIDE * k)
+        model = build_tiny_model(model_cfg or cfg.model, tokenizer)
+        log = pretrain(model, tokenizer, docs, replace(p, max_steps=p.steps) if restart else p,
+                       cfg.seed + ATTEMPT_STRIDE * k, show_progress=show_progress, check=check)
+        losses = [r for r in log if "loss" in r]
+        gate = [dict(r, attempt=k) for r in log if "gate_pass1" in r]
+        steps_k = losses[-1]["step"] + 1
+        used += steps_k
+        attempts.append({"attempt": k, "steps": steps_k, "final_loss": losses[-1]["loss"],
+                         "styles": {s: sum(d.style == s for d in docs) for s in ("direct", "worked", "reflect")},
+                         "gate_pass1": gate[-1]["gate_pass1"] if gate else None, "log": log, "gate": gate})
+        if best is None or (gate and gate[-1]["gate_pass1"] > best[0]["gate_pass1"]):
+            best = (attempts[-1], {n: t.detach().clone() for n, t in model.state_dict().items()})
+        passed = bool(gate) and gate[-1]["passed"]
+        if not restart or passed or used + p.steps > p.max_steps:
+            break
+        tqdm.write(f"stage 0 attempt {k}: sampled pass@1 {gate[-1]['gate_pass1']:.3f} is below the readiness gate "
+                   f"{p.gate_pass1}; starting attempt {k + 1} with a new corpus draw, initialisation and batch order",
+                   file=sys.stderr)
+    kept, state = best
+    model.load_state_dict(state)
     info = {"seconds": time.time() - t0, "params": sum(x.numel() for x in model.parameters()),
-            "docs": len(docs), "styles": {s: sum(d.style == s for d in docs) for s in ("direct", "worked", "reflect")},
-            "steps": losses[-1]["step"] + 1, "final_loss": losses[-1]["loss"], "log": log}
+            "docs": len(docs), "styles": kept["styles"], "steps": kept["steps"], "total_steps": used,
+            "final_loss": kept["final_loss"], "log": kept["log"]}
     if p.gate_pass1 > 0:
-        gate = [r for r in log if "gate_pass1" in r]
-        info["gate"] = {"threshold": p.gate_pass1, "passed": any(r["passed"] for r in gate), "checks": gate}
+        checks = [r for a in attempts for r in a["gate"]]
+        info["gate"] = {"threshold": p.gate_pass1, "passed": any(r["passed"] for r in checks), "checks": checks,
+                        "kept_attempt": kept["attempt"]}
         if not info["gate"]["passed"]:
-            last = f"{gate[-1]['gate_pass1']:.3f}" if gate else "never checked"
+            last = f"best {kept['gate_pass1']:.3f}" if checks else "never checked"
             warnings.warn(f"stage 0: the base model did not reach pass@1 {p.gate_pass1} within pretrain.max_steps="
-                          f"{p.max_steps} (last check: {last}); RL may get little reward signal. Raise "
+                          f"{p.max_steps} ({last}, kept); RL may get little reward signal. Raise "
                           f"pretrain.max_steps or pretrain.steps.", stacklevel=2)
     with atomic_dir(out) as tmp:
         save_model(model, tokenizer, tmp)
@@ -162,7 +198,7 @@ def run_zero(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
         save_model(model, tokenizer, tmp)
     stage0 = json.loads((base / "pretrain.json").read_text()) if (base / "pretrain.json").exists() else {}
     summary = {"name": cfg.name, "seed": cfg.seed, "base_model": str(base), "base": base_eval, "final": final_eval,
-               "pretrain": {k: stage0[k] for k in ("steps", "params", "gate") if k in stage0},
+               "pretrain": {k: stage0[k] for k in ("steps", "total_steps", "params", "gate") if k in stage0},
                "seconds": {"pretrain": t_base, "rl": t_rl, "total": time.time() - t0}, "steps": trainer.step_idx}
     atomic_write_json(run_dir / "summary.json", summary)
     return summary
