@@ -1,7 +1,7 @@
-"""Stage 0's seconds per step: plain mixed-length batches (pretrain.bucket_pool=1) against length-bucketed
-ones (the default, 8), side by side on zero-tiny's corpus and model, interleaved in one process.
+"""Stage 0's seconds per step: plain mixed-length batches (pretrain.bucket_pool=1, the default) against
+length-bucketed ones (--pool, 8), side by side on zero-tiny's corpus and model, interleaved in one process.
 
-    python benchmarks/bench_pretrain_batches.py [--rounds 4] [--steps 40] [--threads 2]
+    python benchmarks/bench_pretrain_batches.py [--rounds 4] [--steps 40] [--threads 2] [--pool 8]
 
 Each round times `--steps` optimizer steps of each kind (the same loss code stage 0 runs: batch_loss, AdamW).
 Writes benchmarks/results/pretrain_batches.json and prints s/step and padded tokens per step.
@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--pool", type=int, default=8, help="pretrain.bucket_pool of the bucketed batches")
     ns = ap.parse_args()
     torch.set_num_threads(ns.threads)
     cfg = load_config(RunConfig, config_path("zero-tiny"))
@@ -46,7 +47,7 @@ def main() -> None:
     model = build_tiny_model(cfg.model, tok).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     kinds = {"plain": batches(encoded, p.batch_size, 1, random.Random(1)),
-             "bucketed": batches(encoded, p.batch_size, p.bucket_pool, random.Random(1))}
+             "bucketed": batches(encoded, p.batch_size, ns.pool, random.Random(1))}
     times = {k: [] for k in kinds}
     padded = {k: [] for k in kinds}
     for _ in range(ns.rounds):
@@ -66,7 +67,7 @@ def main() -> None:
     res["real_tokens_per_step"] = real
     res["speedup"] = res["plain"]["s_per_step"] / res["bucketed"]["s_per_step"]
     res["setting"] = {"threads": ns.threads, "steps_per_round": ns.steps, "rounds": ns.rounds,
-                      "batch_size": p.batch_size, "bucket_pool": p.bucket_pool, "load_avg_1m": os.getloadavg()[0]}
+                      "batch_size": p.batch_size, "bucket_pool": ns.pool, "load_avg_1m": os.getloadavg()[0]}
     out = ROOT / "benchmarks" / "results" / "pretrain_batches.json"
     out.write_text(json.dumps(res, indent=2) + "\n")
     for k in kinds:
