@@ -48,6 +48,7 @@ import yaml
 
 from r1kit.config import PIPELINE_STAGES, RunConfig, from_dict, to_dict
 from r1kit.io import atomic_dir, atomic_write_json, atomic_write_text
+from r1kit.recipes.r1_report import results_table
 from r1kit.types import Problem, R1KitError
 
 EVAL_KEYS = ("pass1", "cons", "format_rate", "no_answer_rate", "reflection_rate", "mean_length")
@@ -573,30 +574,6 @@ def stage_rl_all(ctx: StageContext) -> dict[str, Any]:
     register_reward_model(ctx.model("rm"), "reward_model", scenarios=("general",), template=cfg.task.template)
     task = RLTask(reasoning_task(cfg), cfg.pipeline.lang, GeneralTask(), cfg.pipeline.general_frac)
     return rl_stage(ctx, ctx.model("sft"), task, _rl_weights(cfg, True, reward_model=True))
-
-
-# ----------------------------------------------------------------------------- the results table
-
-ROWS = [("base", "base model"), ("zero", "R1-Zero (RL from base)"), ("cold_sft", "R1 stage 1: cold-start SFT"),
-        ("reason_rl", "R1 stage 2: reasoning RL (+language reward)"), ("reason_rl_nolang", "  ablation: stage 2 without language reward"),
-        ("sft", "R1 stage 3: SFT of base on rejection-sampled data"), ("rl_all", "R1 stage 4: RL all scenarios (final R1)"),
-        ("student_base", "student before distillation"), ("distill", "student distilled (SFT only)"),
-        ("student_rl", "student RL-only (same wall-clock)")]
-
-
-def results_table(records: dict[str, dict[str, Any]], cfg: RunConfig) -> str:
-    """One Markdown row per evaluated stage: accuracy, cons@k, format, mixing, length, general accuracy."""
-    e = cfg.eval
-    lines = [f"# {cfg.name}: held-out evaluation per stage", "",
-             f"{e.num_problems} held-out problems, k={e.k} samples at T={e.temperature}; pass@1 averaged over the k.", "",
-             f"| model | pass@1 | cons@{e.k} | format | lang. mixing | off-target | mean length | general pass@1 |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, label in ROWS:
-        ev = records.get(name, {}).get("eval")
-        if ev:
-            lines.append(f"| {label} | {ev['pass1']:.3f} | {ev['cons']:.3f} | {ev['format_rate']:.3f} | {ev['mixing_rate']:.3f} | "
-                         f"{ev['off_target_rate']:.3f} | {ev['mean_length']:.1f} | {ev.get('general_pass1', float('nan')):.3f} |")
-    return "\n".join(lines) + "\n"
 
 
 from r1kit.recipes import distill as _distill  # noqa: E402,F401  registers the distillation stages
