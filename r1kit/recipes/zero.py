@@ -29,7 +29,7 @@ from r1kit.model import build_tiny_model, load_model, save_model, train_tokenize
 from r1kit.tasks import make_task
 from r1kit.types import R1KitError
 
-ATTEMPT_STRIDE = 7907  # attempt k of stage 0 seeds its initialisation and batch order with seed + 7907 k
+ATTEMPT_STRIDE = 7907  # attempt k of stage 0 seeds its corpus, initialisation and batch order with seed + 7907 k
 EVAL_KEYS = ("pass1", "cons", "format_rate", "no_answer_rate", "reflection_rate", "mean_length")
 
 
