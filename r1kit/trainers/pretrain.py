@@ -1,13 +1,13 @@
 """Stage 0: pretrain the tiny base model from scratch on the synthetic corpus.
 
 A plain next-token loop: batches of whole documents (optionally bucketed by length), right-padded, AdamW;
-warm-up, then cosine decay to 10% of the peak over `steps` steps. With the readiness gate on (`gate_pass1` > 0) the model is
-checked at the end of that cycle (a callable model -> pass@1) and, while it is below the gate, trained for
-another cosine cycle of `extend_steps` (a warm restart as in SGDR, at `restart_lr_scale` x the peak; the
-optimizer state carries over) as long as the total stays within `max_steps`. A check happens only on an
-annealed model: at the peak rate the sampled accuracy of these tiny models is mostly noise. (The gate's other
-action, a fresh attempt, needs a new model: r1kit.recipes.zero.pretrain_base runs it, with this loop's
-`max_steps` set to `steps`.)
+warm-up, then cosine decay to 10% of the peak over `steps` steps. With the readiness gate on (`gate_pass1` >
+0) the model is checked at the end of that cycle (a callable model -> pass@1) and, while it is below the
+gate, trained for another cosine cycle of `extend_steps` (a warm restart as in SGDR, at `restart_lr_scale` x
+the peak; the optimizer state carries over) as long as the total stays within `max_steps`. A check happens
+only on an annealed model: at the peak rate the sampled accuracy of these tiny models is mostly noise. (The
+gate's other action, a fresh attempt, needs a new model: r1kit.recipes.zero.pretrain_base runs it, with this
+loop's `max_steps` set to `steps`.)
 """
 from __future__ import annotations
 
