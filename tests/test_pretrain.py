@@ -83,6 +83,8 @@ def test_without_the_gate_the_model_is_never_checked():
 @pytest.mark.parametrize("field, value, words", [
     ("gate_pass1", 1.5, "pretrain.gate_pass1"), ("restart_lr_scale", 0.0, "pretrain.restart_lr_scale"),
     ("extend_steps", 0, "pretrain.extend_steps"), ("steps", 0, "pretrain.steps"),
+    ("gate_action", "retry", "pretrain.gate_action = 'retry': expected 'restart' or 'extend'"),
+    ("bucket_pool", 0, "pretrain.bucket_pool = 0: expected at least 1"),
     ("max_steps", 4, r"pretrain.max_steps = 4: expected at least pretrain.steps \(5\)"),
 ])
 def test_bad_pretrain_settings_name_the_field(field, value, words):
