@@ -11,7 +11,7 @@ Used by RL rollouts, evaluation, `r1kit generate` and serving. Per `Engine.gener
    so the importance ratio is 1 on-policy. temperature == 0 is greedy, with raw log_softmax(logits_t).
 
 Two backends share one interface (prefill / decode / keep_rows / release):
-- `FastLlama` (r1kit/fast_llama.py): a pure-torch forward for Llama-family models (llama, qwen2, mistral: RMSNorm, default
+- `FastLlama` (r1kit/engine/fast_llama.py): a pure-torch forward for Llama-family models (llama, qwen2, mistral: RMSNorm, default
   RoPE, GQA, SiLU-gated MLP, optional biases, tied or untied lm_head) that reads the HF module's
   parameters in place (no copies: optimizer updates are seen at once), with pre-allocated caches in a
   shared-prefix layout (the prompt's K/V stored and read once per group). Where Python and HF per-step
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from r1kit.fast_llama import FastLlama, fast_path_problem
+from r1kit.engine.fast_llama import FastLlama, fast_path_problem
 from r1kit.types import R1KitError, Rollout
 
 
