@@ -256,6 +256,15 @@ class PipelineConfig:
 
 
 @dataclass
+class EngineConfig:
+    """The generation engine every stage samples with (r1kit.engine.make_engine)."""
+
+    backend: str = "local"  # local (r1kit's own engine) | vllm (in-process vllm.LLM, the `vllm` extra)
+    max_num_seqs: int = 256  # running sample slots (continuous batching)
+    cache_mb: float = 256.0  # prefix-cache budget in MiB
+
+
+@dataclass
 class RunConfig:
     name: str = "zero-tiny"
     seed: int = 0
@@ -272,6 +281,7 @@ class RunConfig:
     rm: RewardModelConfig = field(default_factory=RewardModelConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     @property
     def run_dir(self) -> Path:

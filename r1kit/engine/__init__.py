@@ -7,5 +7,27 @@ from r1kit.engine.api import GenerationEngine, RequestOutput, SamplingParams
 from r1kit.engine.fast_llama import FastLlama, fast_path_problem
 from r1kit.engine.local import Engine, EngineStats, sample_tokens
 
-__all__ = ["Engine", "EngineStats", "FastLlama", "GenerationEngine", "RequestOutput", "SamplingParams",
-           "fast_path_problem", "sample_tokens"]
+__all__ = ["ENGINE_BACKENDS", "Engine", "EngineStats", "FastLlama", "GenerationEngine", "RequestOutput", "SamplingParams",
+           "fast_path_problem", "make_engine", "sample_tokens"]
+
+ENGINE_BACKENDS = ("local", "vllm")
+
+
+def make_engine(model, tokenizer, backend: str = "local", **options) -> GenerationEngine:
+    """The one place an engine is built: `backend` is `engine.backend` from the config.
+
+    model: the policy's (unwrapped) HF module; tokenizer: its tokenizer (EOS/pad ids come from it, or from
+    `eos_token_ids=`/`pad_token_id=` in options).
+    """
+    from r1kit.types import R1KitError
+
+    eos = options.pop("eos_token_ids", None) or [tokenizer.eos_token_id]
+    pad = options.pop("pad_token_id", None)
+    pad = tokenizer.pad_token_id if pad is None else pad
+    if backend == "local":
+        return Engine(model, eos_token_ids=eos, pad_token_id=pad, **options)
+    if backend == "vllm":
+        from r1kit.engine.vllm import VLLMEngine  # the optional `vllm` extra; it raises a clear error when absent
+
+        return VLLMEngine(model, tokenizer, eos_token_ids=eos, pad_token_id=pad, **options)
+    raise R1KitError(f"engine.backend={backend!r} is unknown; expected one of {list(ENGINE_BACKENDS)}")
