@@ -241,14 +241,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"r1kit: unknown command {argv[0]!r}; commands: {', '.join(VERBS)}", file=sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from r1kit import dist
+
     try:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
-        return VERBS[verb](rest)
+        if dist.init_from_env() and not dist.is_main():  # under torchrun only rank 0 prints results
+            sys.stdout = open(os.devnull, "w")
+        return dist.run_main(lambda: VERBS[verb](rest))
     except R1KitError as e:
-        print(f"r1kit {verb}: error: {e}", file=sys.stderr)
+        print(f"r1kit {verb}: error{dist.rank_tag()}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\nr1kit {verb}: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)

@@ -115,6 +115,10 @@ class GRPOConfig:
     # as key=value win over it (mapping keys such as reward_weights merge entry by entry). Applied when
     # the config is read (load_config / from_dict), not by GRPOConfig(preset=...) in Python.
     preset: str | None = None
+    # Rollout random streams: "batch" = one generator for the step's whole batch (the single-process default),
+    # "group" = one stream per prompt group keyed by (seed, step, group index), so which rank samples a group
+    # does not change its samples (1 process == N ranks); "auto" = "group" when running on several ranks.
+    rollout_seeds: str = "auto"
 
 
 # Published GRPO-family variants as GRPOConfig values. Precedence: dataclass default < preset <
@@ -265,6 +269,13 @@ class EngineConfig:
 
 
 @dataclass
+class DistConfig:
+    """Data parallel under torchrun (r1kit.dist): batch sizes stay global, each rank takes a disjoint share."""
+
+    strategy: str = "ddp"  # ddp | fsdp2 (torch fully_shard per decoder layer: params, grads, optimizer state sharded)
+
+
+@dataclass
 class RunConfig:
     name: str = "zero-tiny"
     seed: int = 0
@@ -282,6 +293,7 @@ class RunConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     @property
     def run_dir(self) -> Path:
