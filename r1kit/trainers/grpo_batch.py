@@ -137,3 +137,16 @@ def collect_groups(
         return last, stats
     batch = concat_sampled(kept, pad_id)
     return (batch.select(list(range(target))) if batch.num_groups > target else batch), stats
+
+
+def generate_groups(engine, prompts: list[list[int]], seeds: list[int], make_generator: Callable[[int], torch.Generator],
+                    *, group_size: int, max_new_tokens: int, temperature: float, top_p: float, pad_id: int) -> Rollout:
+    """Sample each prompt's group from its own random stream (`make_generator(seeds[i])`), so a group's
+    samples do not depend on which other groups share the call, or on which rank draws it: the rollout of
+    a data-parallel job is then the same as one process's (`grpo.rollout_seeds=group`). One engine call per
+    group, so it batches less than one call for all (`rollout_seeds=batch`, the single-process default)."""
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    parts = [engine.generate([ids], group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_p=top_p, generator=make_generator(seed)) for ids, seed in zip(prompts, seeds)]
+    return concat_rollouts(parts, pad_id)
