@@ -1,0 +1,461 @@
+"""`r1kit serve`: an OpenAI/DeepSeek-compatible HTTP server over r1kit's engine, and a chat page.
+
+    r1kit serve --model runs/zero-tiny/final [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+                [--max-num-seqs N] [--cache-mb M]
+
+Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions (streamed or not), POST /v1/completions,
+GET / (the chat page). Replies split the model's output at the template's reasoning/answer boundary into
+`reasoning_content` and `content` (r1kit/serving/reasoning.py), as DeepSeek's API does; a `reasoning_content`
+sent back in an assistant message is left out of the context, as DeepSeek-R1's API does. Usage carries
+DeepSeek's prompt-cache fields, fed by the engine's prefix cache.
+
+Robustness: every client error is an OpenAI-shaped 4xx (protocol.py); bodies are size-limited before they
+are parsed (413); the number of unfinished samples is bounded (429); a client that disconnects has its
+request aborted (its cache blocks freed); SIGTERM stops accepting requests, lets open ones finish for
+`shutdown_grace_s`, then ends them and exits.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from r1kit.engine.api import SamplingParams
+from r1kit.serving.engine_loop import EngineClosed, EngineLoop, QueueFull
+from r1kit.serving.protocol import (APIError, ChatCompletionRequest, CompletionRequest, Limits,
+                                    check_token_budget, new_id, now, parse_request, usage)
+from r1kit.serving.reasoning import IncrementalDetokenizer, ReasoningSplitter, SampleText, StopMatcher
+
+log = logging.getLogger("r1kit.serve")
+FINGERPRINT = "r1kit-0.1.0"
+
+
+@dataclass
+class ServerState:
+    """Everything a handler needs, built once by `build_app`."""
+
+    loop: EngineLoop
+    tokenizer: object
+    model_name: str
+    context: int  # the model's maximum positions (prompt + completion)
+    limits: Limits = field(default_factory=Limits)
+    api_key: str | None = None
+    default_system: str | None = None  # prepended when a chat has no system message
+    created: int = field(default_factory=now)
+
+
+# ---- prompts ----
+
+def render_chat(state: ServerState, req: ChatCompletionRequest) -> tuple[list[int], bool]:
+    """Messages -> prompt ids through the model's chat template, and whether the reply starts inside the
+    reasoning (the template's generation prompt opens <think>). `reasoning_content` is never rendered."""
+    msgs = []
+    for i, m in enumerate(req.messages):
+        msgs.append({"role": "system" if m.role == "developer" else m.role, "content": m.text(f"messages[{i}]")})
+    if state.default_system and not any(m["role"] == "system" for m in msgs):
+        msgs.insert(0, {"role": "system", "content": state.default_system})
+    tok = state.tokenizer
+    try:
+        text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # jinja's raise_exception (e.g. roles must alternate), a missing template
+        raise APIError(400, f"messages: the model's chat template rejects them: {e}", "messages",
+                       "invalid_messages") from None
+    return tok(text, add_special_tokens=False).input_ids, text.rstrip().endswith("<think>")
+
+
+def completion_prompts(state: ServerState, req: CompletionRequest) -> list[list[int]]:
+    p = req.prompt
+    if isinstance(p, str):
+        prompts = [state.tokenizer(p).input_ids]
+    elif isinstance(p[0], int):
+        prompts = [list(p)]
+    elif isinstance(p[0], str):
+        prompts = [state.tokenizer(x).input_ids for x in p]
+    else:
+        prompts = [list(x) for x in p]
+    vocab = len(state.tokenizer)
+    for i, ids in enumerate(prompts):
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"prompt[{i}]: token id {bad[0]} is outside the vocabulary [0, {vocab})",
+                           "prompt", "invalid_value")
+    return prompts
+
+
+# ---- one HTTP call's generation: one engine request per prompt, all feeding one queue ----
+
+@dataclass
+class _Group:
+    base: int  # choice index of its sample 0
+    samples: list[SampleText]
+    prompt_tokens: int
+    cached: int = 0
+
+
+class Generation:
+    """The engine requests of one HTTP call; `updates()` yields (choice index, SplitDelta, finish) lists."""
+
+    def __init__(self, state: ServerState, prompts: list[list[int]], params: SamplingParams,
+                 stops: list[str], split: list[bool] | None):
+        self.state, self.queue = state, asyncio.Queue()
+        self.groups: dict[str, _Group] = {}
+        self.finish: dict[int, str] = {}
+        self.n_choices = len(prompts) * params.n
+        try:
+            for p, ids in enumerate(prompts):
+                rid = new_id("req")
+                samples = [SampleText(IncrementalDetokenizer(state.tokenizer, ids), StopMatcher(stops),
+                                      ReasoningSplitter(split[p]) if split is not None else None)
+                           for _ in range(params.n)]
+                self.groups[rid] = _Group(p * params.n, samples, len(ids))
+                state.loop.submit(ids, params, rid, self.queue)
+        except QueueFull as e:
+            self.close()
+            raise APIError(429, str(e), code="queue_full") from None
+        except EngineClosed as e:
+            self.close()
+            raise APIError(503, str(e), code="shutting_down") from None
+
+    async def updates(self):
+        """Yield, per engine step, [(choice index, SplitDelta, finish_reason or None)]."""
+        try:
+            while len(self.finish) < self.n_choices:
+                item = await self.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield [u for out in item if (u := self._apply(out)) is not None]
+        finally:
+            self.close()
+
+    def _apply(self, out):
+        g = self.groups.get(out.request_id)
+        if g is None:
+            return None
+        g.cached = max(g.cached, out.cached_prompt_tokens)
+        idx = g.base + out.index
+        if idx in self.finish:
+            return None  # this sample already stopped on a stop string
+        sample = g.samples[out.index]
+        delta = sample.push(out.token_ids, out.finished)
+        reason = None
+        if sample.stopped:
+            reason = "stop"
+        elif out.finished:
+            reason = "length" if out.finish_reason == "length" else "stop"
+        if reason:
+            self.finish[idx] = reason
+            if all(g.base + i in self.finish for i in range(len(g.samples))):
+                self.state.loop.abort(out.request_id)  # no-op if the engine finished it already
+        return idx, delta, reason
+
+    def close(self) -> None:
+        """Abort whatever is unfinished (a disconnect, an error, stop strings): frees engine slots and cache."""
+        for rid in self.groups:
+            self.state.loop.abort(rid)
+
+    def choice_samples(self):
+        for g in self.groups.values():
+            for i, s in enumerate(g.samples):
+                yield g.base + i, s
+
+    def usage(self, chat: bool) -> dict:
+        prompt = sum(g.prompt_tokens for g in self.groups.values())
+        cached = sum(min(g.cached, g.prompt_tokens) for g in self.groups.values())
+        completion = sum(s.num_tokens for _, s in self.choice_samples())
+        reasoning = sum(s.reasoning_tokens() for _, s in self.choice_samples()) if chat else None
+        return usage(prompt, completion, cached, reasoning)
+
+
+# ---- handlers ----
+
+def _check_auth(state: ServerState, request: Request) -> None:
+    if state.api_key is None:
+        return
+    got = request.headers.get("authorization", "")
+    scheme, _, token = got.partition(" ")
+    ok = hmac.compare_digest(token.strip().encode(), state.api_key.encode()) and scheme.lower() == "bearer"
+    if not ok:
+        raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+
+def _check_model(state: ServerState, model: str) -> None:
+    if model != state.model_name:
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {state.model_name!r}",
+                       "model", "model_not_found")
+
+
+def _params(req, max_tokens: int) -> SamplingParams:
+    return SamplingParams(n=req.n, temperature=req.temperature, top_p=req.top_p, max_tokens=max_tokens,
+                          seed=req.seed, ignore_eos=req.ignore_eos)
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def _collect(gen: Generation, request: Request) -> None:
+    """Run a non-streamed generation to its end; abort it if the client goes away meanwhile."""
+    async def consume():
+        async for _ in gen.updates():
+            pass
+
+    task = asyncio.ensure_future(consume())
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.5)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+                break
+        await task
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        gen.close()
+
+
+async def chat_completions(request: Request) -> Response:
+    state: ServerState = request.app.state.r1kit
+    _check_auth(state, request)
+    req = parse_request(ChatCompletionRequest, await request.body(), state.limits)
+    _check_model(state, req.model)
+    ids, starts_in_reasoning = render_chat(state, req)
+    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    max_tokens = check_token_budget(len(ids), req.max_completion_tokens or req.max_tokens, state.context,
+                                    state.limits.max_tokens, param)
+    gen = Generation(state, [ids], _params(req, max_tokens), req.stop or [], [starts_in_reasoning])
+    rid, created = new_id("chatcmpl"), now()
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return _stream(_chat_events(state, gen, rid, created, include_usage))
+    try:
+        await _collect(gen, request)
+    except EngineClosed as e:
+        raise APIError(503, str(e), code="engine_unavailable") from None
+    choices = []
+    for idx, s in gen.choice_samples():
+        reasoning = "".join(s.reasoning) if s.splitter is not None and s.splitter.had_reasoning else None
+        choices.append({"index": idx, "message": {"role": "assistant", "content": "".join(s.content),
+                                                  "reasoning_content": reasoning},
+                        "logprobs": None, "finish_reason": gen.finish.get(idx, "stop")})
+    return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": state.model_name,
+                         "system_fingerprint": FINGERPRINT, "choices": choices, "usage": gen.usage(chat=True)})
+
+
+def _stream(events) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _chat_events(state: ServerState, gen: Generation, rid: str, created: int, include_usage: bool):
+    head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
+            "system_fingerprint": FINGERPRINT}
+
+    def chunk(idx, delta, finish=None):
+        c = {**head, "choices": [{"index": idx, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        if include_usage:
+            c["usage"] = None
+        return _sse(c)
+
+    try:
+        for idx in range(gen.n_choices):
+            yield chunk(idx, {"role": "assistant", "content": ""})
+        async for updates in gen.updates():
+            for idx, d, finish in updates:
+                if d.reasoning:
+                    yield chunk(idx, {"reasoning_content": d.reasoning})
+                if d.content:
+                    yield chunk(idx, {"content": d.content})
+                if finish:
+                    yield chunk(idx, {}, finish)
+        if include_usage:
+            yield _sse({**head, "choices": [], "usage": gen.usage(chat=True)})
+        yield "data: [DONE]\n\n"
+    except EngineClosed as e:
+        yield _sse(APIError(503, str(e), code="engine_unavailable").body())
+
+
+async def completions(request: Request) -> Response:
+    state: ServerState = request.app.state.r1kit
+    _check_auth(state, request)
+    req = parse_request(CompletionRequest, await request.body(), state.limits)
+    _check_model(state, req.model)
+    prompts = completion_prompts(state, req)
+    max_tokens = min(check_token_budget(len(p), req.max_tokens, state.context, state.limits.max_tokens)
+                     for p in prompts)
+    if req.max_tokens is None:
+        max_tokens = min(max_tokens, 16)  # OpenAI's default for /v1/completions
+    gen = Generation(state, prompts, _params(req, max_tokens), req.stop or [], None)
+    rid, created = new_id("cmpl"), now()
+    head = {"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
+            "system_fingerprint": FINGERPRINT}
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return _stream(_completion_events(gen, head, include_usage))
+    try:
+        await _collect(gen, request)
+    except EngineClosed as e:
+        raise APIError(503, str(e), code="engine_unavailable") from None
+    choices = [{"index": idx, "text": "".join(s.content), "logprobs": None, "finish_reason": gen.finish.get(idx, "stop")}
+               for idx, s in gen.choice_samples()]
+    return JSONResponse({**head, "choices": choices, "usage": gen.usage(chat=False)})
+
+
+async def _completion_events(gen: Generation, head: dict, include_usage: bool):
+    try:
+        async for updates in gen.updates():
+            for idx, d, finish in updates:
+                if d.content or finish:
+                    c = {**head, "choices": [{"index": idx, "text": d.content, "logprobs": None,
+                                              "finish_reason": finish}]}
+                    if include_usage:
+                        c["usage"] = None
+                    yield _sse(c)
+        if include_usage:
+            yield _sse({**head, "choices": [], "usage": gen.usage(chat=False)})
+        yield "data: [DONE]\n\n"
+    except EngineClosed as e:
+        yield _sse(APIError(503, str(e), code="engine_unavailable").body())
+
+
+def _model_card(state: ServerState) -> dict:
+    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "r1kit",
+            "max_model_len": state.context}
+
+
+async def list_models(request: Request) -> Response:
+    state: ServerState = request.app.state.r1kit
+    _check_auth(state, request)
+    return JSONResponse({"object": "list", "data": [_model_card(state)]})
+
+
+async def get_model(request: Request) -> Response:
+    state: ServerState = request.app.state.r1kit
+    _check_auth(state, request)
+    _check_model(state, request.path_params["model"])
+    return JSONResponse(_model_card(state))
+
+
+async def health(request: Request) -> Response:
+    state: ServerState = request.app.state.r1kit
+    status = "draining" if state.loop.draining else "ok"
+    return JSONResponse({"status": status, "model": state.model_name, **state.loop.stats()})
+
+
+async def page(request: Request) -> Response:
+    return HTMLResponse((resources.files("r1kit") / "serving" / "page.html").read_text(encoding="utf-8"))
+
+
+# ---- errors, body limit, the app ----
+
+async def _api_error(request: Request, exc: APIError) -> Response:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    msg = {404: f"no such endpoint: {request.method} {request.url.path}",
+           405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+    return JSONResponse(APIError(exc.status_code, msg).body(), status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
+
+
+async def _validation(request: Request, exc: RequestValidationError) -> Response:
+    return JSONResponse(APIError(400, f"invalid request: {exc.errors()[:1]}").body(), status_code=400)
+
+
+async def _internal(request: Request, exc: Exception) -> Response:
+    log.exception("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(APIError(500, f"internal server error ({type(exc).__name__}); the server is still up").body(),
+                        status_code=500)
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over `max_bytes` (413) before anything parses them.
+
+    The body is read here (by Content-Length when declared, else counted chunk by chunk) and replayed to the
+    app; later receive() calls go to the server, so disconnects are still seen."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                return await _send_error(send, APIError(400, "invalid Content-Length header"))
+            if int(declared) > self.max_bytes:
+                return await _send_error(send, self._too_large(int(declared)))
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            size += len(msg.get("body", b""))
+            if size > self.max_bytes:
+                return await _send_error(send, self._too_large(size))
+            chunks.append(msg.get("body", b""))
+            if not msg.get("more_body"):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    def _too_large(self, size: int) -> APIError:
+        return APIError(413, f"the request body ({size} bytes or more) is over this server's limit of "
+                             f"{self.max_bytes} bytes", code="request_too_large")
+
+
+async def _send_error(send, err: APIError) -> None:
+    body = json.dumps(err.body()).encode()
+    await send({"type": "http.response.start", "status": err.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def build_app(state: ServerState) -> FastAPI:
+    """The FastAPI app over a ServerState; the engine thread runs for the app's lifespan."""
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        state.loop.start()
+        try:
+            yield
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, state.loop.stop)
+
+    app = FastAPI(title="r1kit serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.r1kit = state
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/v1/models", list_models, methods=["GET"])
+    app.add_api_route("/v1/models/{model:path}", get_model, methods=["GET"])
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    app.add_api_route("/v1/completions", completions, methods=["POST"])
+    app.add_api_route("/", page, methods=["GET"])
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(Exception, _internal)
+    app.add_middleware(BodyLimit, max_bytes=state.limits.max_body_bytes)
+    return app

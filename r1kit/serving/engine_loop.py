@@ -1,0 +1,203 @@
+"""The bridge between asyncio request handlers and the (synchronous, single-threaded) engine.
+
+One engine thread owns the engine: it takes new requests and aborts from a thread-safe command list,
+calls `engine.step()` while anything is unfinished, and hands each step's `RequestOutput`s to the
+request's asyncio queue with `loop.call_soon_threadsafe` (one call per request per step). Handlers never
+touch the engine.
+
+Back-pressure: at most `max_pending` samples (a request with n = 4 counts 4) may be admitted and
+unfinished at once: running ones (the engine's `max_num_seqs`) plus those waiting for a slot. Past that,
+`submit` raises `QueueFull` (answered 429) instead of queueing without bound.
+
+Cancellation: `abort(request_id)` (a client disconnected, or every sample hit a stop string) reaches the
+engine before its next step, which frees the request's slots and cache blocks; the request's queue gets
+no more outputs.
+
+Shutdown: `stop()` ends the thread after its current step; every open request's queue receives an
+`EngineClosed` error so that handlers finish their responses instead of waiting forever.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from r1kit.engine.api import RequestOutput, SamplingParams
+
+log = logging.getLogger("r1kit.serve")
+
+
+class QueueFull(Exception):
+    """The server holds as many unfinished samples as it may: the client should retry later (429)."""
+
+
+class EngineClosed(Exception):
+    """The server is shutting down, or the engine failed: the request cannot complete."""
+
+
+@dataclass
+class RequestStream:
+    """What a handler holds for one engine request: its id, its queue of output lists, its sample count."""
+
+    request_id: str
+    n: int
+    queue: asyncio.Queue
+    prompt_tokens: int
+    finished: set = field(default_factory=set)  # sample indices the engine finished
+
+    async def next(self) -> list[RequestOutput]:
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+class EngineLoop:
+    """Owns the engine thread. Create inside a running event loop (the app's lifespan), then `start()`."""
+
+    def __init__(self, engine, max_pending: int, idle_wait_s: float = 0.05):
+        self.engine = engine
+        self.max_pending = max_pending
+        self.idle_wait_s = idle_wait_s
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._commands: list[tuple] = []
+        self._streams: dict[str, RequestStream] = {}  # engine-side registry (engine thread + lock)
+        self._pending = 0  # admitted, unfinished samples
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        self.draining = False  # set on SIGTERM: no new requests, open ones may finish
+
+    # ---- called from the event loop ----
+    def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="r1kit-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+               queue: asyncio.Queue | None = None) -> RequestStream:
+        """Admit one request (raises QueueFull or EngineClosed); its outputs arrive, as lists of
+        RequestOutput (or an EngineClosed error), on `queue` (a new one by default: several requests of one
+        HTTP call may share one)."""
+        stream = RequestStream(request_id, params.n, queue if queue is not None else asyncio.Queue(), len(prompt_ids))
+        with self._lock:
+            if self._stop or self.draining:
+                raise EngineClosed("the server is shutting down")
+            if self._pending + params.n > self.max_pending:
+                raise QueueFull(f"the server is at its limit of {self.max_pending} unfinished samples "
+                                f"({self._pending} admitted); retry later")
+            self._pending += params.n
+            self._streams[request_id] = stream
+            self._commands.append(("add", request_id, list(prompt_ids), params))
+        self._wake.set()
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (idempotent; a finished one is left alone)."""
+        with self._lock:
+            if request_id in self._streams:
+                self._commands.append(("abort", request_id))
+        self._wake.set()
+
+    def stats(self) -> dict:
+        with self._lock:
+            running = len(self._streams)
+            pending = self._pending
+        out = {"requests": running, "pending_samples": pending, "max_pending_samples": self.max_pending,
+               "steps": self.steps}
+        cache_stats = getattr(self.engine, "cache_stats", None)
+        if cache_stats is not None:
+            try:
+                cs = cache_stats()
+                out["cache"] = dict(vars(cs)) if hasattr(cs, "__dict__") else dict(cs)
+            except Exception as e:  # statistics must never take the health check down
+                out["cache"] = {"error": str(e)}
+        return out
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._fail_all(EngineClosed("the server is shutting down"))
+
+    # ---- the engine thread ----
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if self._stop:
+                    return
+                commands, self._commands = self._commands, []
+                self._wake.clear()
+            try:
+                self._apply(commands)
+                if not self.engine.has_unfinished():
+                    self._wake.wait(self.idle_wait_s)
+                    continue
+                outputs = self.engine.step()
+                self.steps += 1
+            except Exception as e:  # an engine bug: fail every open request with a 5xx, keep serving
+                log.exception("engine step failed")
+                self._recover(e)
+                continue
+            self._dispatch(outputs)
+
+    def _apply(self, commands: list[tuple]) -> None:
+        for cmd in commands:
+            if cmd[0] == "add":
+                _, rid, ids, params = cmd
+                with self._lock:
+                    live = rid in self._streams
+                if live:
+                    self.engine.add_request(ids, params, rid)
+            else:
+                rid = cmd[1]
+                with self._lock:
+                    stream = self._streams.pop(rid, None)
+                    if stream is not None:
+                        self._pending -= stream.n
+                if stream is not None:
+                    self.engine.abort(rid)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        by_request: dict[str, list[RequestOutput]] = {}
+        for out in outputs:
+            by_request.setdefault(out.request_id, []).append(out)
+        for rid, outs in by_request.items():
+            with self._lock:
+                stream = self._streams.get(rid)
+                if stream is None:
+                    continue  # aborted meanwhile
+                stream.finished.update(o.index for o in outs if o.finished)
+                if len(stream.finished) >= stream.n:
+                    del self._streams[rid]
+                    self._pending -= stream.n
+            self.loop.call_soon_threadsafe(stream.queue.put_nowait, outs)
+
+    def _recover(self, error: Exception) -> None:
+        with self._lock:
+            rids = list(self._streams)
+        for rid in rids:
+            try:
+                self.engine.abort(rid)
+            except Exception:
+                pass
+        self._fail_all(EngineClosed(f"the engine failed: {type(error).__name__}: {error}"))
+        time.sleep(0.01)
+
+    def _fail_all(self, error: Exception) -> None:
+        with self._lock:
+            streams, self._streams = list(self._streams.values()), {}
+            self._pending = 0
+        if self.loop is None or self.loop.is_closed():
+            return
+        for s in streams:
+            try:
+                self.loop.call_soon_threadsafe(s.queue.put_nowait, error)
+            except RuntimeError:  # the loop closed meanwhile
+                return

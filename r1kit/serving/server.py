@@ -1,0 +1,157 @@
+"""Start `r1kit serve`: load the model once, build the engine with `make_engine`, run uvicorn.
+
+SIGTERM / Ctrl-C: the server stops accepting connections and new requests (503 on open keep-alive
+connections), lets requests in flight finish for `shutdown_grace_s` seconds, then ends the remaining ones
+(streams get an error event and close) and exits with status 0. A second signal exits at once.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from r1kit.serving.protocol import Limits
+from r1kit.types import R1KitError
+
+log = logging.getLogger("r1kit.serve")
+
+
+@dataclass
+class ServeOptions:
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    served_model_name: str | None = None  # default: the model folder's name
+    max_num_seqs: int = 256  # running samples (the engine's continuous batch)
+    cache_mb: float = 256.0  # the engine's prefix-cache budget
+    max_waiting: int = 256  # samples admitted beyond max_num_seqs before 429s
+    limits: Limits = Limits()
+    system_prompt: str | None = "auto"  # "auto": r1kit's R1-Zero instruction for r1kit's chat template
+    dtype: str = "float32"
+    threads: int = 0
+    shutdown_grace_s: float = 5.0
+    log_level: str = "warning"
+
+
+def default_system_prompt(tokenizer, option: str | None) -> str | None:
+    """The system message put before chats that bring none.
+
+    "auto": r1kit's models were trained on the R1-Zero prompt, whose instruction line is exactly the system
+    message of r1kit's chat template (model.CHAT_TEMPLATE): with it, a chat renders to the training prompt.
+    Other models' templates bring their own defaults, so "auto" adds nothing there."""
+    from r1kit.model import CHAT_TEMPLATE
+    from r1kit.templates import R1_ZERO_TEMPLATE
+
+    if option != "auto":
+        return option or None
+    if getattr(tokenizer, "chat_template", None) == CHAT_TEMPLATE:
+        return R1_ZERO_TEMPLATE.split("\nUser:")[0]
+    return None
+
+
+def build_state(opts: ServeOptions):
+    """Load the model and tokenizer, build the engine and the ServerState (no server started)."""
+    import torch
+
+    from r1kit.engine import make_engine
+    from r1kit.model import CHAT_TEMPLATE, load_model
+    from r1kit.serving.app import ServerState
+    from r1kit.serving.engine_loop import EngineLoop
+
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    model, tok = load_model(opts.model, dtype=opts.dtype)
+    model.eval()
+    if not getattr(tok, "chat_template", None):
+        log.warning("%s has no chat template: using r1kit's (User:/Assistant: turns)", opts.model)
+        tok.chat_template = CHAT_TEMPLATE
+    context = getattr(model.config, "max_position_embeddings", None)
+    if not isinstance(context, int) or context < 2:
+        raise R1KitError(f"model {opts.model!r}: its config has no usable max_position_embeddings ({context!r})")
+    engine = make_engine(model, tok, backend="local", max_num_seqs=opts.max_num_seqs, cache_mb=opts.cache_mb)
+    loop = EngineLoop(engine, max_pending=opts.max_num_seqs + opts.max_waiting)
+    name = opts.served_model_name or Path(opts.model).resolve().name
+    return ServerState(loop=loop, tokenizer=tok, model_name=name, context=context, limits=opts.limits,
+                       api_key=opts.api_key or None, default_system=default_system_prompt(tok, opts.system_prompt))
+
+
+def serve(opts: ServeOptions) -> None:
+    """Run the server until SIGTERM/SIGINT."""
+    from r1kit.serving.app import build_app
+
+    state = build_state(opts)
+    app = build_app(state)
+    config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level=opts.log_level,
+                            timeout_graceful_shutdown=int(opts.shutdown_grace_s) + 5, lifespan="on")
+    server = _Server(config, state, opts.shutdown_grace_s)
+    print(f"r1kit serve: {state.model_name!r} on http://{opts.host}:{opts.port} (context {state.context}, "
+          f"max_num_seqs {opts.max_num_seqs}, key {'required' if state.api_key else 'not required'})", flush=True)
+    server.run()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, draining the engine on the first signal and ending it after the grace period."""
+
+    def __init__(self, config, state, grace_s: float):
+        super().__init__(config)
+        self.state, self.grace_s = state, grace_s
+
+    def handle_exit(self, sig, frame) -> None:
+        loop = self.state.loop
+        if not loop.draining:
+            loop.draining = True
+            timer = threading.Timer(self.grace_s, loop.stop)
+            timer.daemon = True
+            timer.start()
+        else:
+            loop.stop(timeout=1.0)
+        super().handle_exit(sig, frame)
+
+
+def main(argv: list[str]) -> int:
+    """`r1kit serve ...` (see the module docstring of r1kit.serving.app)."""
+    import argparse
+    import os
+
+    ap = argparse.ArgumentParser(prog="r1kit serve", description="OpenAI/DeepSeek-compatible reasoning server "
+                                 "(/v1/chat/completions, /v1/completions, /v1/models, /health) and a chat page at /.")
+    ap.add_argument("--model", required=True, help="HF causal-LM folder")
+    ap.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--api-key", default=os.environ.get("R1KIT_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $R1KIT_API_KEY, else none)")
+    ap.add_argument("--served-model-name", default=None, help="the model id clients send (default: folder name)")
+    ap.add_argument("--max-num-seqs", type=int, default=256, help="samples decoded together (continuous batch)")
+    ap.add_argument("--cache-mb", type=float, default=256.0, help="prefix-cache budget (MiB)")
+    ap.add_argument("--max-waiting", type=int, default=256, help="samples queued beyond --max-num-seqs before 429s")
+    ap.add_argument("--max-body-mb", type=float, default=2.0, help="request body limit (413 above)")
+    ap.add_argument("--max-messages", type=int, default=512)
+    ap.add_argument("--max-n", type=int, default=16, help="largest n per request")
+    ap.add_argument("--max-tokens", type=int, default=None, help="cap on max_tokens (default: the context)")
+    ap.add_argument("--system-prompt", default="auto",
+                    help="system message for chats without one; 'auto' = r1kit's R1-Zero instruction for r1kit "
+                         "models, none for others; '' = none")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--shutdown-grace", type=float, default=5.0, help="seconds open requests get after SIGTERM")
+    ap.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    ns = ap.parse_args(argv)
+    for name in ("port", "max_num_seqs", "max_waiting", "max_messages", "max_n"):
+        if getattr(ns, name) < (0 if name == "port" else 1):
+            raise R1KitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(ns, name)}")
+    if ns.max_tokens is not None and ns.max_tokens < 1:
+        raise R1KitError(f"--max-tokens must be >= 1, got {ns.max_tokens}")
+    if not ns.max_body_mb > 0 or not ns.cache_mb >= 0:
+        raise R1KitError("--max-body-mb must be > 0 and --cache-mb >= 0")
+    limits = Limits(max_body_bytes=int(ns.max_body_mb * 1024 * 1024), max_messages=ns.max_messages, max_n=ns.max_n,
+                    max_tokens=ns.max_tokens)
+    logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    serve(ServeOptions(model=ns.model, host=ns.host, port=ns.port, api_key=ns.api_key,
+                       served_model_name=ns.served_model_name, max_num_seqs=ns.max_num_seqs, cache_mb=ns.cache_mb,
+                       max_waiting=ns.max_waiting, limits=limits, system_prompt=ns.system_prompt, dtype=ns.dtype,
+                       threads=ns.threads, shutdown_grace_s=ns.shutdown_grace, log_level=ns.log_level))
+    return 0
