@@ -255,6 +255,7 @@ def wrap(module: torch.nn.Module, strategy: str = "ddp", *, field: str = "dist.s
         fully_shard(layer, mesh=mesh)
     fully_shard(module, mesh=mesh)
     module.set_gradient_divide_factor(1.0)
+    module.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
     return module
 
 
@@ -265,6 +266,13 @@ def _decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
     if not layers:
         layers = [m for ml in module.modules() if isinstance(ml, torch.nn.ModuleList) for m in ml]
     return layers
+
+
+def prepare(policy, strategy: str = "ddp", field: str = "dist.strategy") -> None:
+    """Wrap a Policy for data parallel when running on several ranks and it has no wrapper yet (call before
+    its optimizer is made). A no-op in one process. Trainers call it, so a policy built anywhere trains DP."""
+    if world() > 1 and policy.wrapper is None:
+        policy.wrap(lambda m: wrap(m, strategy, field=field))
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -307,7 +315,8 @@ def full_params(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 
 def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The module's state dict with full CPU tensors (gathered from FSDP2 shards; collective in that case)."""
+    """The module's state dict with full tensors. For an FSDP2-sharded module it is gathered (a collective:
+    every rank calls it) onto rank 0's CPU, and the other ranks get {}: rank 0 is the one that writes."""
     module = unwrap(module)
     if not is_sharded(module):
         return module.state_dict()
@@ -316,8 +325,20 @@ def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def load_full_state_dict(module: torch.nn.Module, weights: dict[str, torch.Tensor]):
+    """`module.load_state_dict(weights, strict=False)` for full tensors, also into an FSDP2-sharded module
+    (each rank keeps its shard). Returns (missing, unexpected) keys."""
+    module = unwrap(module)
+    if not is_sharded(module):
+        return module.load_state_dict(weights, strict=False)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    return set_model_state_dict(module, dict(weights), options=StateDictOptions(full_state_dict=True, strict=False))
+
+
 def full_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer's state dict, unsharded for FSDP2 (collective), keyed as the plain module's would be."""
+    """The optimizer's state dict: `optimizer.state_dict()`, or for FSDP2 the full (unsharded) one keyed by
+    parameter names, on rank 0 ({} elsewhere; a collective). `load_full_optimizer_state` reads either form."""
     module = unwrap(module)
     if not is_sharded(module):
         return optimizer.state_dict()
@@ -329,9 +350,20 @@ def full_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimiz
 def load_full_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """Inverse of `full_optimizer_state`: every rank passes the full state, FSDP2 keeps its shard."""
     module = unwrap(module)
-    if not is_sharded(module):
+    by_name = any(isinstance(k, str) for k in state.get("state", {}))
+    if not is_sharded(module) and not by_name:
         optimizer.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    if not by_name:  # a plain checkpoint (one process or DDP) into FSDP2: key its state by parameter name
+        state = _state_by_name(module, optimizer, state)
     set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def _state_by_name(module: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    """An `optimizer.state_dict()` (parameters numbered in optimizer order) keyed by parameter names."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]
+    return {"state": {order[i]: v for i, v in state["state"].items()}, "param_groups": groups}
