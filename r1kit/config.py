@@ -350,6 +350,8 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         raise R1KitError(f"config section {prefix.rstrip('.') or '<root>'!r}: expected a mapping, got {data!r}")
     if cls is GRPOConfig and isinstance(data.get("preset"), str):
         data = _with_preset(data, prefix)
+    if cls is RunConfig:
+        data = _with_backend_defaults(data)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -363,6 +365,20 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         else:
             kwargs[k] = _check_type(v, tp, key)
     return cls(**kwargs)
+
+
+# engine.backend=vllm samples with another forward than the trainer's (other kernels, maybe another dtype), so
+# the old-policy logprobs are recomputed by the trainer and token-level TIS corrects the gap, unless these keys
+# are set in the file or on the command line (README "vLLM backend").
+BACKEND_GRPO_DEFAULTS: dict[str, dict[str, Any]] = {"vllm": {"recompute_old_logprobs": True, "tis_cap": 2.0}}
+
+
+def _with_backend_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    engine, grpo = data.get("engine"), data.get("grpo")
+    backend = engine.get("backend") if isinstance(engine, dict) else None
+    if backend not in BACKEND_GRPO_DEFAULTS or not isinstance(grpo, (dict, type(None))):
+        return data
+    return {**data, "grpo": {**BACKEND_GRPO_DEFAULTS[backend], **(grpo or {})}}
 
 
 def _with_preset(data: dict[str, Any], prefix: str) -> dict[str, Any]:
