@@ -123,12 +123,21 @@ def _mlp(w: SimpleNamespace, h: torch.Tensor) -> torch.Tensor:
 class FastLlama:
     """Functional Llama-family forward over the HF module's own weights, with pre-allocated KV caches.
 
-    The G rows of a prompt share its prefix, so the cache is split in two (a "shared-prefix" layout):
-    - prompt cache [L, 2 (k/v), P, Hkv, Tp, D]: written once by the prefill, stored once per prompt;
-    - generation cache [L, 2, N, Hkv, max_new, D]: one row per active sample, column t at decode step t.
-    At decode time the G rows of a prompt attend to its prompt keys in one batched matmul, so the prompt
-    part of the cache is read once per prompt and step instead of G times (decode attention on CPU is
-    bound by reading the cache), and G times less memory holds it.
+    The rows of a prompt (its n samples) share its prefix, so the cache is split in two (a "shared-prefix"
+    layout):
+    - prompt cache [L, 2 (k/v), P, Hkv, Tp, D]: one slot per running prompt, written once by its prefill
+      (right-aligned: a slot's padding is on the left, masked by `pbias` [P, Tp]);
+    - generation cache [L, 2, N, Hkv, Tg, D]: one row per active sample, its k-th generated token's K/V in
+      column k (`glen` [B] columns filled per row).
+    At decode time the rows of a prompt attend to its prompt keys in one batched matmul, so the prompt part
+    of the cache is read once per prompt and step instead of n times (decode attention on CPU is bound by
+    reading the cache), and n times less memory holds it.
+
+    Continuous batching: `admit` prefills new prompts (optionally on top of K/V served by the prefix cache)
+    and appends their slots and rows while other rows are mid-decode; rows at different decode positions
+    share a step through per-row column indices and a generation-cache mask. While every row has the same
+    length (a batch admitted at once, as `Engine.generate` does) the step is exactly the original
+    fixed-column one, so its numbers do not change.
 
     Active rows are the leading `batch` rows of the generation cache; `row_prompt` [B] and `row_g` [B]
     place each one in the [prompt, G] grid used for the shared-prefix matmul.
@@ -143,11 +152,20 @@ class FastLlama:
         self.scale = getattr(attn, "scaling", self.head_dim**-0.5)
         self.window = _sliding_window(self.config)
         self._rope_len = 0
+        self.batch = 0
+        self.pkv = self.gkv = None
+
+    supports_joins = True  # rows can join a running batch (the HF fallback cannot)
 
     def supports_length(self, total: int) -> str | None:
         if self.window is not None and total > self.window:
             return f"sequence length {total} exceeds the sliding window {self.window}"
         return None
+
+    @property
+    def kv_shape(self) -> tuple[int, int, int]:
+        """(layers, kv heads, head dim): the shape of one token's K/V is [L, 2, Hkv, D]."""
+        return self.config.num_hidden_layers, self.n_kv, self.head_dim
 
     def _rope_table(self, n: int, device: torch.device, dtype: torch.dtype) -> None:
         """cos and signed sin [n, D] for positions 0..n-1, computed exactly as the HF forward does.
@@ -170,46 +188,101 @@ class FastLlama:
         sin[:, : d // 2].neg_()  # pre-signed for _rotate
         self._cos, self._sin, self._rope_len = cos.to(dtype), sin.to(dtype), n
 
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, group_size: int, max_new: int) -> torch.Tensor:
-        """Run the P left-padded prompts once and fill the prompt cache; return last logits [P, V].
-
-        ids, mask: [P, Tp]. Position ids count real tokens only, so a left-padded prompt sees the same
-        positions as the unpadded one.
-        """
-        (P, Tp), G, D = ids.shape, group_size, self.head_dim
+    def _bind_weights(self) -> None:
+        """Look the parameters up once per batch (they are read in place: optimizer steps are seen)."""
         m = self.model
         self.layers = [_layer_tensors(layer) for layer in m.model.layers[: self.config.num_hidden_layers]]
         self.embed, self.final_norm, head = m.get_input_embeddings().weight, m.model.norm, m.get_output_embeddings()
         self.head_w, self.head_b, self.final_eps = head.weight, head.bias, _eps(self.final_norm)
-        dev, dtype, L = self.embed.device, self.embed.dtype, len(self.layers)
-        self._rope_table(Tp + max_new, dev, dtype)
-        self.pkv = torch.empty(L, 2, P, self.n_kv, Tp, D, device=dev, dtype=dtype)
-        self.gkv = torch.empty(L, 2, P * G, self.n_kv, max_new, D, device=dev, dtype=dtype)
-        valid = mask.bool()  # [P, Tp]
-        self.pbias = torch.zeros(P, Tp, device=dev, dtype=dtype).masked_fill_(~valid, float("-inf"))
-        self.row_prompt = torch.arange(P, device=dev).repeat_interleave(G)  # [N]
-        self.row_g = torch.arange(G, device=dev).repeat(P)  # [N]
-        self.n_prompts, self.group, self.batch, self.t = P, G, P * G, 0
 
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [P, Tp]
-        cos, sin = self._cos[pos][:, None], self._sin[pos][:, None]  # [P, 1, Tp, D]
-        causal = torch.ones(Tp, Tp, dtype=torch.bool, device=dev).tril()
+    def admit(self, ids: torch.Tensor, mask: torch.Tensor, counts: list[int], max_pos: int, gen_cols: int,
+              past: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Prefill P new prompts, give each a prompt slot and counts[p] rows; return last logits [P, V].
+
+        ids, mask: [P, T] left-padded (the part of each prompt not served from the prefix cache).
+        past: None, or (kv [L, 2, P, Hkv, C, D], valid [P, C]) right-aligned K/V of each prompt's cached
+        prefix. max_pos: the largest position any row will reach; gen_cols: generation-cache columns to
+        allocate up front (it grows on demand).
+        """
+        if self.batch == 0:
+            self._bind_weights()
+        dev, dtype = self.embed.device, self.embed.dtype
+        self._rope_table(max_pos, dev, dtype)
+        x_last, kv, valid = self._prefill(ids, mask, past)
+        P, T = valid.shape
+        bias = torch.zeros(P, T, device=dev, dtype=dtype).masked_fill_(~valid, float("-inf"))
+        row_prompt = torch.arange(P, device=dev).repeat_interleave(torch.tensor(counts, device=dev))  # [n]
+        row_g = torch.cat([torch.arange(c, device=dev) for c in counts])  # [n]
+        if self.batch == 0:  # a fresh batch: exactly the original single-prefill layout
+            L = len(self.layers)
+            self.pkv, self.pbias, self.n_prompts = kv, bias, P
+            cols = min(gen_cols, 256)  # grows on demand: a long max_tokens need not be allocated up front
+            self.gkv = torch.zeros(L, 2, sum(counts), self.n_kv, cols, self.head_dim, device=dev, dtype=dtype)
+            self.glen = torch.zeros(sum(counts), dtype=torch.long, device=dev)
+            self.row_prompt, self.row_g, self.group, self.batch, self.t, self.tmax = row_prompt, row_g, max(counts), \
+                sum(counts), 0, 0
+        else:
+            self._append(kv, bias, row_prompt, row_g, max(counts))
+        return self._logits(x_last)
+
+    def _prefill(self, ids, mask, past):
+        """The prompt forward: -> (last hidden [P, H], kv [L, 2, P, Hkv, C+T, D], valid [P, C+T])."""
+        (P, T), D = ids.shape, self.head_dim
+        dev = ids.device
+        valid = mask.bool()  # [P, T]
+        offset = past[1].sum(-1, keepdim=True) if past is not None else 0  # [P, 1] cached prefix lengths
+        pos = offset + (mask.cumsum(-1) - 1).clamp(min=0)  # [P, T]
+        cos, sin = self._cos[pos][:, None], self._sin[pos][:, None]  # [P, 1, T, D]
+        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
         # Padding queries attend to themselves: a fully masked row would give NaN that leaks into the
         # padding keys' values (0 * NaN), even though real tokens never attend to them.
-        allowed = causal & (valid[:, None, None, :] | torch.eye(Tp, dtype=torch.bool, device=dev))  # [P,1,Tp,Tp]
-        x = F.embedding(ids, self.embed)  # [P, Tp, H]
+        allowed = causal & (valid[:, None, None, :] | torch.eye(T, dtype=torch.bool, device=dev))  # [P,1,T,T]
+        C = 0 if past is None else past[1].shape[1]
+        if past is not None:
+            allowed = torch.cat((past[1][:, None, None, :].expand(P, 1, T, C), allowed), dim=-1)  # [P,1,T,C+T]
+            valid = torch.cat((past[1], valid), dim=1)
+        kv = torch.empty(len(self.layers), 2, P, self.n_kv, C + T, D, device=dev, dtype=self.embed.dtype)
+        if past is not None:
+            kv[:, :, :, :, :C] = past[0]
+        x = F.embedding(ids, self.embed)  # [P, T, H]
         for li, w in enumerate(self.layers):
             h = _rms_norm(x, w.in_norm, w.in_eps)
-            q = _rotate(F.linear(h, w.wq, w.bq).view(P, Tp, -1, D).transpose(1, 2), cos, sin)  # [P, Hq, Tp, D]
-            k = _rotate(F.linear(h, w.wk, w.bk).view(P, Tp, -1, D).transpose(1, 2), cos, sin)  # [P, Hkv, Tp, D]
-            v = F.linear(h, w.wv, w.bv).view(P, Tp, -1, D).transpose(1, 2)
-            self.pkv[li, 0], self.pkv[li, 1] = k, v
+            q = _rotate(F.linear(h, w.wq, w.bq).view(P, T, -1, D).transpose(1, 2), cos, sin)  # [P, Hq, T, D]
+            k = _rotate(F.linear(h, w.wk, w.bk).view(P, T, -1, D).transpose(1, 2), cos, sin)  # [P, Hkv, T, D]
+            v = F.linear(h, w.wv, w.bv).view(P, T, -1, D).transpose(1, 2)
+            kv[li, 0, :, :, C:], kv[li, 1, :, :, C:] = k, v
+            if past is not None:
+                k, v = kv[li, 0], kv[li, 1]  # [P, Hkv, C+T, D]: the cached prefix, then these tokens
             o = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=allowed, scale=self.scale, enable_gqa=self.n_kv != self.n_heads
-            )  # [P, Hq, Tp, D]
-            x = x + F.linear(o.transpose(1, 2).reshape(P, Tp, -1), w.wo, w.bo)
+            )  # [P, Hq, T, D]
+            x = x + F.linear(o.transpose(1, 2).reshape(P, T, -1), w.wo, w.bo)
             x = x + _mlp(w, _rms_norm(x, w.post_norm, w.post_eps))
-        return self._logits(x[:, -1])
+        return x[:, -1], kv, valid
+
+    def _append(self, kv, bias, row_prompt, row_g, group) -> None:
+        """Join new prompt slots and rows to the running batch (caches grow by doubling)."""
+        P, T = bias.shape
+        Pa, Tp, B, n = self.n_prompts, self.pbias.shape[1], self.batch, row_prompt.numel()
+        if T > Tp or Pa + P > self.pkv.shape[2]:  # grow: old slots stay right-aligned, new columns masked
+            Tn, cap = max(T, Tp), max(Pa + P, 2 * Pa)
+            pkv = self.pkv.new_zeros(*self.pkv.shape[:2], cap, self.n_kv, Tn, self.head_dim)
+            pbias = self.pbias.new_full((cap, Tn), float("-inf"))
+            pkv[:, :, :Pa, :, Tn - Tp :], pbias[:Pa, Tn - Tp :] = self.pkv[:, :, :Pa], self.pbias[:Pa]
+            self.pkv, self.pbias, Tp = pkv, pbias, Tn
+        self.pkv[:, :, Pa : Pa + P, :, : Tp - T] = 0
+        self.pkv[:, :, Pa : Pa + P, :, Tp - T :] = kv
+        self.pbias[Pa : Pa + P, : Tp - T] = float("-inf")
+        self.pbias[Pa : Pa + P, Tp - T :] = bias
+        if B + n > self.gkv.shape[2]:
+            gkv = self.gkv.new_zeros(*self.gkv.shape[:2], max(B + n, 2 * B), *self.gkv.shape[3:])
+            gkv[:, :, :B, :, : self.tmax + 1] = self.gkv[:, :, :B, :, : self.tmax + 1]
+            self.gkv = gkv
+        self.row_prompt = torch.cat((self.row_prompt, row_prompt + Pa))
+        self.row_g = torch.cat((self.row_g, row_g))
+        self.glen = torch.cat((self.glen, self.glen.new_zeros(n)))
+        self.n_prompts, self.batch, self.group = Pa + P, B + n, max(self.group, group)
+        self.t = None if self.t != 0 else 0  # rows now sit at different columns
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Feed one token per active row; return logits [B, V]. tokens, positions: [B].
@@ -218,24 +291,52 @@ class FastLlama:
         model sizes, low.
         """
         B, t, D = self.batch, self.t, self.head_dim
+        self._ensure_columns(self.tmax + 1)
         x = F.embedding(tokens, self.embed)  # [B, H]
         cos, sin = self._cos[positions][:, None], self._sin[positions][:, None]  # [B, 1, D]
-        new_kv = self.gkv[:, :, :B, :, t]  # [L, 2, B, Hkv, D]: this step's cache column
+        if t is not None:  # every row at column t
+            new_kv, gbias = self.gkv[:, :, :B, :, t], None  # [L, 2, B, Hkv, D]: this step's cache column
+        else:
+            cols = torch.arange(self.tmax + 1, device=tokens.device)
+            gbias = torch.zeros(B, self.tmax + 1, device=tokens.device, dtype=self.embed.dtype)
+            gbias.masked_fill_(cols[None, :] > self.glen[:, None], float("-inf"))  # [B, tmax+1]
+            new_kv = torch.empty(len(self.layers), 2, B, self.n_kv, D, device=tokens.device, dtype=self.embed.dtype)
+            rows = torch.arange(B, device=tokens.device)
         for li, w in enumerate(self.layers):
             h = _rms_norm(x, w.in_norm, w.in_eps)
             q = _rotate(F.linear(h, w.wq, w.bq).view(B, -1, D), cos, sin)  # [B, Hq, D]
             new_kv[li, 0] = _rotate(F.linear(h, w.wk, w.bk).view(B, -1, D), cos, sin)  # [B, Hkv, D]
             new_kv[li, 1] = F.linear(h, w.wv, w.bv).view(B, -1, D)
-            x = x + F.linear(self._decode_attention(li, q), w.wo, w.bo)
+            if t is None:
+                self.gkv[li, :, rows, :, self.glen] = new_kv[li].transpose(0, 1)  # [B, 2, Hkv, D] at own columns
+            x = x + F.linear(self._decode_attention(li, q, gbias), w.wo, w.bo)
             x = x + _mlp(w, _rms_norm(x, w.post_norm, w.post_eps))
-        self.t = t + 1
+        self.glen += 1
+        self.tmax += 1
+        self.t = None if t is None else t + 1
         return self._logits(x)
 
-    def keep_rows(self, keep: torch.Tensor) -> None:
-        """Drop finished rows (keep: ascending indices into the active batch), and prompts left with none."""
-        t, b = self.t, keep.numel()
-        self.gkv[:, :, :b, :, :t] = self.gkv[:, :, keep, :, :t]  # only the filled columns are copied
-        row_prompt, self.row_g, self.batch = self.row_prompt[keep], self.row_g[keep], b
+    def _ensure_columns(self, cols: int) -> None:
+        if cols > self.gkv.shape[4]:
+            gkv = self.gkv.new_zeros(*self.gkv.shape[:4], max(cols, 2 * self.gkv.shape[4]), self.head_dim)
+            gkv[:, :, :, :, : self.gkv.shape[4]] = self.gkv
+            self.gkv = gkv
+
+    def keep_rows(self, keep: torch.Tensor, trim: bool = False) -> None:
+        """Drop finished rows (keep: ascending indices into the active batch), and prompts left with none.
+
+        trim: also drop prompt-cache columns that only padding uses now (a long prompt left); this
+        changes the attention's reduction length, so `Engine.generate` (bit-stable batches) never asks.
+        """
+        b = keep.numel()
+        if b == 0:
+            return self.release()
+        cols = self.tmax  # filled columns
+        self.gkv[:, :, :b, :, :cols] = self.gkv[:, :, keep, :, :cols]  # only the filled columns are copied
+        row_prompt, self.row_g, self.glen, self.batch = self.row_prompt[keep], self.row_g[keep], self.glen[keep], b
+        if self.t is None:
+            lo, hi = int(self.glen.min()), int(self.glen.max())
+            self.tmax, self.t = hi, (hi if lo == hi else None)
         alive = torch.unique(row_prompt)  # [Pa'] ascending
         if alive.numel() < self.n_prompts:
             self.pkv[:, :, : alive.numel()] = self.pkv[:, :, alive]
@@ -244,32 +345,50 @@ class FastLlama:
             renumber[alive] = torch.arange(alive.numel(), device=alive.device)
             row_prompt, self.n_prompts = renumber[row_prompt], alive.numel()
         self.row_prompt = row_prompt
+        if trim:
+            first = int((self.pbias[: self.n_prompts] == 0).any(0).int().argmax())  # leading all-padding columns
+            if first >= 16 and first >= self.pbias.shape[1] // 4:
+                self.pkv, self.pbias = self.pkv[..., first:, :].contiguous(), self.pbias[:, first:].contiguous()
+
+    def prompt_kv(self, row: int, length: int) -> torch.Tensor:
+        """The K/V of row's prompt followed by its first `length` generated tokens: [L, 2, Hkv, n, D].
+
+        Prompt columns are the slot's real (unmasked) ones, in position order.
+        """
+        slot = int(self.row_prompt[row])
+        real = (self.pbias[slot] == 0).nonzero().squeeze(1)  # [Tp_real]
+        prompt = self.pkv[:, :, slot].index_select(3, real)  # [L, 2, Hkv, Tp_real, D]
+        return torch.cat((prompt, self.gkv[:, :, row, :, :length]), dim=3)
 
     def release(self) -> None:
-        self.pkv = self.gkv = self.pbias = self.layers = None
+        self.pkv = self.gkv = self.pbias = self.layers = self.glen = None
+        self.batch = 0
 
-    def _decode_attention(self, li: int, q: torch.Tensor) -> torch.Tensor:
+    def _decode_attention(self, li: int, q: torch.Tensor, gbias: torch.Tensor | None) -> torch.Tensor:
         """Attention of one new query per row over its prompt and its own generated tokens.
 
         q: [B, Hq, D] -> [B, Hq*D]. Query heads are grouped by the KV head they share (HF's repeat_kv
         order: head h uses KV head h // rep), so GQA needs no copy of the cache. One softmax runs over
         [prompt keys | generated keys]; the prompt half is computed per prompt on the [P, Hkv, G*rep, .]
-        grid, the generated half per row.
+        grid, the generated half per row (gbias [B, Tg] masks columns a row has not filled; None when
+        every row has filled the same columns).
         """
         B, rep, D, Tp, Pa = self.batch, self.n_heads // self.n_kv, self.head_dim, self.pbias.shape[1], self.n_prompts
         qg = q.view(B, self.n_kv, rep, D) * self.scale  # [B, Hkv, rep, D]
         pk, pv = self.pkv[li, 0, :Pa], self.pkv[li, 1, :Pa]  # [Pa, Hkv, Tp, D], read once per prompt
         s_prompt = torch.matmul(self._to_grid(qg), pk.transpose(-1, -2))  # [Pa, Hkv, G*rep, Tp]
         s_prompt = self._from_grid(s_prompt + self.pbias[:Pa, None, None, :])  # [B, Hkv, rep, Tp]
-        gk, gv = self.gkv[li, 0, :B, :, : self.t + 1], self.gkv[li, 1, :B, :, : self.t + 1]  # [B, Hkv, t+1, D]
+        gk, gv = self.gkv[li, 0, :B, :, : self.tmax + 1], self.gkv[li, 1, :B, :, : self.tmax + 1]  # [B, Hkv, t+1, D]
         s_gen = torch.matmul(qg, gk.transpose(-1, -2))  # [B, Hkv, rep, t+1]
+        if gbias is not None:
+            s_gen = s_gen + gbias[:, None, None, :]
         # softmax in float32 as HF's attention kernels do (a no-op for float32 models)
         probs = torch.softmax(torch.cat((s_prompt, s_gen), dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
         o_prompt = self._from_grid(torch.matmul(self._to_grid(probs[..., :Tp]), pv))  # [B, Hkv, rep, D]
         return (o_prompt + torch.matmul(probs[..., Tp:], gv)).reshape(B, self.n_heads * D)
 
     def _to_grid(self, x: torch.Tensor) -> torch.Tensor:
-        """Rows to the per-prompt grid: [B, Hkv, rep, X] -> [Pa, Hkv, G*rep, X] (finished rows are 0)."""
+        """Rows to the per-prompt grid: [B, Hkv, rep, X] -> [Pa, Hkv, G*rep, X] (empty cells are 0)."""
         Pa, G, X = self.n_prompts, self.group, x.shape[-1]
         if self.batch == Pa * G:  # every slot filled, rows in (prompt, g) order: a transpose does it
             return x.reshape(Pa, G, *x.shape[1:]).transpose(1, 2).reshape(Pa, self.n_kv, -1, X)

@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from torch import nn
 
+from r1kit.engine.api import CacheStats, RequestOutput, SamplingParams
 from r1kit.engine.fast_llama import FastLlama, fast_path_problem
+from r1kit.engine.scheduler import Batch, Request, Scheduler
 from r1kit.types import R1KitError, Rollout
 
 
@@ -102,20 +105,35 @@ def _top_p_threshold(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 class _HFBackend:
-    """The model's own forward with a DynamicCache: correct for any causal LM that takes position_ids."""
+    """The model's own forward with a DynamicCache: correct for any causal LM that takes position_ids.
+
+    Rows cannot join a running batch here (one prefill per batch): the scheduler admits requests for this
+    backend only into an empty batch, so it batches less cleverly than the fast path.
+    """
+
+    supports_joins = False
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self.batch = 0
 
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, group_size: int, max_new: int) -> torch.Tensor:
+    def admit(self, ids: torch.Tensor, mask: torch.Tensor, counts: list[int], max_pos: int, gen_cols: int,
+              past=None) -> torch.Tensor:
+        if self.batch or past is not None:
+            raise RuntimeError("the HF backend prefills only into an empty batch, without cached prefixes")
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [P, Tp]
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         self.cache = out.past_key_values
-        self.cache.batch_repeat_interleave(group_size)  # G rows per prompt, prefilled once
         P, Tp = ids.shape
-        self.attn = torch.ones(P * group_size, Tp + max_new, dtype=mask.dtype, device=mask.device)
-        self.attn[:, :Tp] = mask.repeat_interleave(group_size, 0)  # [N, Tp + max_new]
-        self.length = Tp
+        if len(set(counts)) == 1:
+            self.cache.batch_repeat_interleave(counts[0])  # n rows per prompt, prefilled once
+        else:
+            self.cache.batch_select_indices(torch.arange(P, device=ids.device).repeat_interleave(
+                torch.tensor(counts, device=ids.device)))
+        rows = torch.tensor(counts, device=mask.device)
+        self.attn = torch.ones(sum(counts), Tp + gen_cols, dtype=mask.dtype, device=mask.device)
+        self.attn[:, :Tp] = mask.repeat_interleave(rows, 0)  # [N, Tp + max_new]
+        self.length, self.batch = Tp, sum(counts)
         return out.logits[:, -1]
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -129,12 +147,14 @@ class _HFBackend:
         self.length += 1
         return out.logits[:, -1]
 
-    def keep_rows(self, keep: torch.Tensor) -> None:
+    def keep_rows(self, keep: torch.Tensor, trim: bool = False) -> None:
         self.cache.batch_select_indices(keep)
         self.attn = self.attn[keep]
+        self.batch = keep.numel()
 
     def release(self) -> None:
         self.cache = self.attn = None
+        self.batch = 0
 
 
 def _token_ids(name: str, ids, vocab: int) -> list[int]:
@@ -157,14 +177,16 @@ def _max_positions(config) -> int | None:
 
 
 class Engine:
-    """Batched sampler over a causal LM: see the module docstring.
+    """The request-level sampler over a causal LM: see the module docstring.
 
     eos_token_ids: tokens that end a completion (kept in it, mask 1); an empty list never stops early.
     fast_path: None picks the fast Llama-family forward when the model supports it; False forces the
         HF forward; True raises if the model cannot use the fast path.
     compact_fraction: finished rows are dropped from the batch once they are at least this fraction of
         it. Compaction copies the surviving rows' cache, so doing it for every single finished row costs
-        more than it saves; 0 compacts whenever any row finishes.
+        more than it saves; 0 compacts whenever any row finishes. (An abort compacts at the next step.)
+    max_num_seqs: running samples at most (None: no limit); waiting requests join as slots free up.
+    cache_mb: prefix-cache budget in MiB (0 turns it off); block_size: tokens per cached KV block.
     """
 
     def __init__(
@@ -175,12 +197,17 @@ class Engine:
         pad_token_id: int,
         fast_path: bool | None = None,
         compact_fraction: float = 0.125,
+        max_num_seqs: int | None = None,
+        cache_mb: float = 256.0,
+        block_size: int = 16,
     ):
         vocab = model.get_input_embeddings().weight.shape[0]
         eos_token_ids = _token_ids("eos_token_ids", eos_token_ids, vocab)
         pad_token_id = _token_ids("pad_token_id", [pad_token_id], vocab)[0]
         if not 0.0 <= compact_fraction <= 1.0:
             raise ValueError(f"compact_fraction must be in [0, 1], got {compact_fraction}")
+        if max_num_seqs is not None and (not isinstance(max_num_seqs, int) or max_num_seqs < 1):
+            raise R1KitError(f"Engine: max_num_seqs must be an int >= 1 or None, got {max_num_seqs!r}")
         self.model, self.vocab_size, self.compact_fraction = model, vocab, compact_fraction
         self.eos_token_ids, self.pad_token_id = eos_token_ids, pad_token_id
         self.fallback_reason = fast_path_problem(model) if fast_path is not False else "fast_path=False"
@@ -189,8 +216,99 @@ class Engine:
         self._fast = FastLlama(model) if self.fallback_reason is None else None
         self._hf = _HFBackend(model)
         self.max_positions = _max_positions(model.config)
+        self.device = model.get_input_embeddings().weight.device
         self.stats = EngineStats()
-        self.last_backend = ""  # "fast" or "hf": which forward the last generate() used
+        self.last_backend = ""  # "fast" or "hf": which forward the last batch used
+        self.scheduler = Scheduler(max_num_seqs)
+        self.batch = Batch(self.device)
+        self.prefix_cache = self._make_prefix_cache(cache_mb, block_size)
+        self._eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=self.device)
+        self._backend = None  # the forward of the running batch
+        self._dense = None  # generate()'s output buffers while it runs
+        self._abort_outputs: list[RequestOutput] = []
+
+    # -- the request interface (r1kit.engine.api.GenerationEngine) ------------------------------------
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        """Queue a prompt; it joins the running batch at the next step with free slots. Returns its id."""
+        if not isinstance(params, SamplingParams):
+            raise R1KitError(f"Engine.add_request: params must be a SamplingParams, got {type(params).__name__}")
+        params.validate()
+        prompt = self._check_prompt("Engine.add_request: prompt", prompt_ids)
+        _token_ids("SamplingParams.stop_token_ids", params.stop_token_ids, self.vocab_size)
+        if self.max_positions is not None and len(prompt) + params.max_tokens > self.max_positions:
+            raise R1KitError(
+                f"Engine.add_request: prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                f"the model's max_position_embeddings ({self.max_positions})"
+            )
+        limit = self.scheduler.max_num_seqs
+        if limit is not None and params.n > limit:
+            raise R1KitError(f"Engine.add_request: n={params.n} samples exceed max_num_seqs={limit}")
+        if self._dense is not None:
+            raise R1KitError("Engine.add_request: generate() is running on this engine")
+        request_id = self.scheduler.new_id() if request_id is None else str(request_id)
+        if request_id in self.scheduler.requests:
+            raise R1KitError(f"Engine.add_request: request id {request_id!r} is already in flight")
+        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        backend = self._backend_for(len(prompt) + params.max_tokens)
+        self.scheduler.add(Request(request_id, prompt, params, gen, backend))
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now: its slots are free for the next step, which reports its unfinished samples
+        with finish_reason "abort". Unknown or finished ids are ignored (a finish can race an abort)."""
+        req = self.scheduler.requests.get(request_id)
+        if req is None:
+            return
+        req.aborted = True
+        rows = [i for i, (r, k) in enumerate(self.batch.rows) if r is req and r.finish[k] is None]
+        for i in rows:
+            self.batch.retire(i)
+        if rows:
+            with torch.inference_mode():  # the batch's tensors were made in inference mode
+                self.batch.live[torch.tensor(rows, device=self.device)] = False
+        for k in range(req.params.n):
+            if req.finish[k] is None:
+                req.finish[k] = "abort"
+                self._abort_outputs.append(RequestOutput(req.id, k, [], [], True, "abort", len(req.prompt),
+                                                         req.cached_tokens))
+        self._finish_request(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.scheduler.requests) or bool(self._abort_outputs)
+
+    def step(self) -> list[RequestOutput]:
+        """One decode step of every running sample, after admitting waiting requests (their prefill and
+        first token happen in this step). Returns one RequestOutput per sample that produced a token or
+        finished."""
+        outputs, self._abort_outputs = self._abort_outputs, []
+        if not self.scheduler.requests:
+            return outputs
+        was_training = self.model.training
+        self.model.eval()  # dropout off while sampling; restored below
+        try:
+            with torch.inference_mode():
+                outputs += self._step()
+        except BaseException:
+            for req in list(self.scheduler.requests.values()):
+                self.abort(req.id)  # the batch is in an unknown state: fail its requests, keep the engine usable
+            self._release()
+            raise
+        finally:
+            self.model.train(was_training)
+        return outputs
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """A no-op for the weights (the local engine reads the HF module's parameters in place); it drops
+        the prefix cache, whose K/V were computed with the old weights. (The cache also notices in-place
+        parameter updates by itself: see PrefixCache.check_weights.)"""
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
+
+    def cache_stats(self) -> CacheStats:
+        return self.prefix_cache.stats() if self.prefix_cache is not None else CacheStats()
+
+    # -- the batch interface --------------------------------------------------------------------------
 
     @torch.no_grad()
     def generate(
@@ -207,72 +325,193 @@ class Engine:
 
         prompts: P unpadded token-id lists. Returns a Rollout with prompt_ids/mask [N, Tp] (left-padded),
         completion_ids/mask and logprobs [N, Tc] (Tc = longest completion generated) and truncated [N].
+        Served by the request scheduler: P requests with n = G sharing `generator`, one uniform draw per
+        row per step in row order (finished rows draw until compacted), so that with all P*G samples in
+        one batch (P*G <= max_num_seqs) the draws and numbers are those of the original one-batch engine.
+        It bypasses the prefix cache (see the module docstring).
         """
         self._check_args(prompts, group_size, max_new_tokens, temperature, top_p)
+        if self.scheduler.requests or self._abort_outputs:
+            raise R1KitError("Engine.generate: requests added with add_request are in flight; finish or abort "
+                             "them first (or drive them with step())")
+        limit = self.scheduler.max_num_seqs
+        if limit is not None and group_size > limit:
+            raise R1KitError(f"Engine.generate: group_size={group_size} exceeds max_num_seqs={limit}")
         ids, mask = self._left_pad(prompts)  # [P, Tp]
-        backend = self._pick_backend(ids.shape[1] + max_new_tokens)
+        backend = self._backend_for(ids.shape[1] + max_new_tokens)
+        params = SamplingParams(n=group_size, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens)
+        N, dev = len(prompts) * group_size, self.device
         was_training = self.model.training
         self.model.eval()  # dropout off while sampling; restored below
         try:
             with torch.inference_mode():
-                tokens, logprobs, lengths, stopped = self._sample(
-                    backend, ids, mask, group_size, max_new_tokens, temperature, top_p, generator
+                self._dense = SimpleNamespace(
+                    tokens=torch.full((N, max_new_tokens), self.pad_token_id, dtype=torch.long, device=dev),
+                    logprobs=torch.zeros(N, max_new_tokens, dtype=torch.float32, device=dev),
+                    lengths=torch.full((N,), max_new_tokens, dtype=torch.long, device=dev),
+                    stopped=torch.zeros(N, dtype=torch.bool, device=dev),
                 )
+                for p, prompt in enumerate(prompts):
+                    self.scheduler.add(Request(self.scheduler.new_id(), list(prompt), params, generator, backend,
+                                               draw_finished=True, use_cache=False, first_sid=p * group_size))
+                while self.scheduler.requests:
+                    self._step()
+                out = self._dense
         finally:
-            backend.release()
+            for req in list(self.scheduler.requests.values()):  # only after an error
+                self.scheduler.remove(req)
+            self._release()
+            self._dense = None
             self.model.train(was_training)
         # Built outside inference mode, so the trainer can feed them to autograd.
-        return self._rollout(ids, mask, group_size, tokens, logprobs, lengths, stopped)
+        return self._rollout(ids, mask, group_size, out.tokens, out.logprobs, out.lengths, out.stopped)
 
-    # -- the decode loop ------------------------------------------------------------------------------
+    # -- one step -------------------------------------------------------------------------------------
 
-    def _sample(self, backend, ids, mask, G, max_new, temperature, top_p, generator):
-        """Prefill once per prompt, then decode until every row hit EOS or max_new tokens.
-
-        Returns tokens [N, max_new], logprobs [N, max_new] (valid up to lengths), lengths [N], stopped [N].
-        Row bookkeeping: `rows` [B] maps the active batch to output rows; a row stays in the batch after
-        its EOS until the next compaction, but its extra tokens fall beyond its length and are masked.
-        """
-        P, Tp = ids.shape
-        N, dev = P * G, ids.device
-        logits = backend.prefill(ids, mask, G, max_new).repeat_interleave(G, 0)  # [N, V]
-        self.stats.prefill_calls += 1
-        self.stats.prefill_tokens += P * Tp
-        out_tokens = torch.full((N, max_new), self.pad_token_id, dtype=torch.long, device=dev)
-        out_logprobs = torch.zeros(N, max_new, dtype=torch.float32, device=dev)
-        lengths = torch.full((N,), max_new, dtype=torch.long, device=dev)
-        stopped = torch.zeros(N, dtype=torch.bool, device=dev)
-        eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=dev)
-        rows = torch.arange(N, device=dev)  # [B] output row of each active row
-        positions = mask.sum(-1).repeat_interleave(G)  # [B] position of the next token (real length)
-        done = torch.zeros(N, dtype=torch.bool, device=dev)  # [B] active rows that already hit EOS
-        for t in range(max_new):
-            tok, lp = sample_tokens(logits, temperature, top_p, generator)  # [B]
-            out_tokens[rows, t], out_logprobs[rows, t] = tok, lp
-            hit = torch.isin(tok, eos) & ~done  # [B] first EOS of a row
-            if bool(hit.any()):
-                lengths[rows[hit]], stopped[rows[hit]] = t + 1, True
-                done |= hit
-                n_done = int(done.sum())
-                if n_done == done.numel():
-                    break
-                if n_done >= max(1.0, self.compact_fraction * done.numel()):
-                    keep = (~done).nonzero().squeeze(1)  # [b] ascending
-                    backend.keep_rows(keep)
-                    rows, positions, tok, done = rows[keep], positions[keep], tok[keep], done[keep]
-                    self.stats.compactions += 1
-            if t == max_new - 1:
-                break  # the last sampled token is never fed back
-            logits = backend.decode(tok, positions)  # [B, V]
-            positions = positions + 1
+    def _step(self) -> list[RequestOutput]:
+        """Admit, decode the running rows, prefill the admitted, sample every row, retire finished rows."""
+        batch = self.batch
+        if len(batch) > batch.n_live and any(r.aborted for r, _ in batch.rows):
+            self._compact()  # aborted rows stop costing compute at once
+        joins = self._backend is None or self._backend.supports_joins
+        admitted = self.scheduler.admit(batch, joins)
+        if admitted and len(batch) > batch.n_live:
+            self._compact()  # new rows go after the live ones; finished rows are not carried along
+        logits = []
+        if len(batch):
+            positions = batch.prompt_len + batch.length - 1  # [B] position of the token fed now
+            logits.append(self._backend.decode(batch.last, positions))
             self.stats.decode_steps += 1
-            self.stats.decode_tokens += tok.numel()
-        return out_tokens, out_logprobs, lengths, stopped
+            self.stats.decode_tokens += len(batch)
+        if admitted:
+            logits.append(self._prefill(admitted))
+        if not logits:
+            return []
+        logits = logits[0] if len(logits) == 1 else torch.cat(logits)  # [B, V]
+        return self._advance(*self._sample(logits))
+
+    def _prefill(self, admitted: list[Request]) -> torch.Tensor:
+        """Prefill the admitted requests' prompts (their uncached parts) into the batch; logits [n rows, V]."""
+        if not len(self.batch):
+            self._backend = self._fast if admitted[0].backend == "fast" else self._hf
+            self.batch.backend = self.last_backend = admitted[0].backend
+        past = self._cache_lookup(admitted)
+        ids, mask = self._left_pad([r.prompt[r.cached_tokens:] for r in admitted])
+        counts = [r.params.n for r in admitted]
+        max_pos = max(len(r.prompt) + r.params.max_tokens for r in admitted)
+        logits = self._backend.admit(ids, mask, counts, max_pos, max(r.params.max_tokens for r in admitted), past)
+        self.stats.prefill_calls += 1
+        self.stats.prefill_tokens += ids.numel()
+        self.batch.append(admitted)
+        self._cache_store_prompts(admitted)
+        if len(set(counts)) == 1:
+            return logits.repeat_interleave(counts[0], 0)  # n rows per prompt, prefilled once
+        return logits.repeat_interleave(torch.tensor(counts, device=logits.device), 0)
+
+    def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row with its request's parameters and generator -> tokens [B], logprobs [B]."""
+        groups = self.batch.groups()
+        if len(groups) == 1 and groups[0][3] is None:
+            gen, temperature, top_p, _ = groups[0]
+            return sample_tokens(logits, temperature, top_p, gen)
+        tokens, logprobs = self.batch.last.clone(), torch.zeros(len(self.batch), device=logits.device)
+        for gen, temperature, top_p, idx in groups:
+            tokens[idx], logprobs[idx] = sample_tokens(logits[idx], temperature, top_p, gen)
+        return tokens, logprobs
+
+    def _advance(self, tokens: torch.Tensor, logprobs: torch.Tensor) -> list[RequestOutput]:
+        """Record the sampled tokens, finish rows on a stop id or max_tokens, compact, report."""
+        b = self.batch
+        all_live = b.n_live == len(b)
+        live = b.live
+        length = b.length + 1 if all_live else b.length + live.long()  # [B] tokens per row after this one
+        hit = torch.isin(tokens, self._eos) & b.eos  # [B]
+        if b.stops is not None:
+            hit |= (tokens[:, None] == b.stops).any(1)
+        hit = hit if all_live else hit & live
+        finished = hit | (length >= b.max_len) if all_live else (hit | (length >= b.max_len)) & live
+        b.length, b.last = length, tokens
+        self.stats.generated_tokens += b.n_live
+        if self._dense is not None:
+            self._record_dense(tokens, logprobs, length, live, all_live)
+        done = finished.nonzero().squeeze(1).tolist()  # the step's one host sync
+        if done:
+            b.live = live & ~finished
+            hits = hit[done].tolist()
+            for row, was_hit in zip(done, hits):
+                req, k = b.rows[row]
+                req.finish[k] = "stop" if was_hit else "length"
+            if self._dense is not None:
+                d, sid = self._dense, b.sid[done]
+                d.lengths[sid], d.stopped[sid] = length[done], hit[done]
+        outputs = [] if self._dense is not None else self._outputs(tokens, logprobs, live, all_live)
+        for row in done:
+            req, k = b.rows[row]
+            b.retire(row)
+            req.live -= 1
+            if req.live == 0:
+                self._finish_request(req)
+        if b.n_live == 0:
+            self._release()
+        elif len(b) - b.n_live >= max(1.0, self.compact_fraction * len(b)):
+            self._compact()
+        return outputs
+
+    def _record_dense(self, tokens, logprobs, length, live, all_live) -> None:
+        """generate(): write the live rows' tokens into the [N, max_new] output buffers."""
+        d, sid, col = self._dense, self.batch.sid, length - 1
+        if not all_live:
+            sid, col, tokens, logprobs = sid[live], col[live], tokens[live], logprobs[live]
+        d.tokens[sid, col], d.logprobs[sid, col] = tokens, logprobs
+
+    def _outputs(self, tokens, logprobs, live, all_live) -> list[RequestOutput]:
+        """add_request's stream: one RequestOutput per row that produced a token this step."""
+        rows = range(len(self.batch)) if all_live else live.nonzero().squeeze(1).tolist()
+        toks, lps, outs = tokens.tolist(), logprobs.tolist(), []
+        keep_tokens = self.prefix_cache is not None
+        for i in rows:
+            req, k = self.batch.rows[i]
+            if keep_tokens:
+                req.tokens[k].append(toks[i])
+            reason = req.finish[k]
+            outs.append(RequestOutput(req.id, k, [toks[i]], [lps[i]], reason is not None, reason,
+                                      len(req.prompt), req.cached_tokens))
+        return outs
+
+    def _compact(self) -> None:
+        keep = self.batch.live.nonzero().squeeze(1)  # [b] ascending
+        self._backend.keep_rows(keep, trim=self._dense is None)
+        self.batch.keep(keep.tolist())
+        self.stats.compactions += 1
+
+    def _release(self) -> None:
+        if self._backend is not None:
+            self._backend.release()
+        self._backend = None
+        self.batch.clear()
+
+    def _finish_request(self, req: Request) -> None:
+        self.scheduler.remove(req)
+        if self.prefix_cache is not None:
+            self.prefix_cache.release(req.blocks)
+            req.blocks = []
+
+    # -- the prefix cache -----------------------------------------------------------------------------
+
+    def _make_prefix_cache(self, cache_mb: float, block_size: int):
+        if not cache_mb >= 0:
+            raise R1KitError(f"Engine: cache_mb must be >= 0, got {cache_mb}")
+        return None
+
+    def _cache_lookup(self, admitted: list[Request]):
+        return None
+
+    def _cache_store_prompts(self, admitted: list[Request]) -> None:
+        return None
 
     def _rollout(self, ids, mask, G, tokens, logprobs, lengths, stopped) -> Rollout:
         Tc = int(lengths.max())
         completion_mask = torch.arange(Tc, device=ids.device)[None, :] < lengths[:, None]  # [N, Tc]
-        self.stats.generated_tokens += int(lengths.sum())
         return Rollout(
             prompt_ids=ids.repeat_interleave(G, 0),
             prompt_mask=mask.repeat_interleave(G, 0),
@@ -285,19 +524,27 @@ class Engine:
 
     # -- inputs ---------------------------------------------------------------------------------------
 
-    def _pick_backend(self, total_len: int):
-        reason = self._fast.supports_length(total_len) if self._fast is not None else "no fast path"
-        self.last_backend = "fast" if reason is None else "hf"
-        return self._fast if reason is None else self._hf
+    def _backend_for(self, total_len: int) -> str:
+        if self._fast is None:
+            return "hf"
+        return "fast" if self._fast.supports_length(total_len) is None else "hf"
+
+    def _check_prompt(self, what: str, prompt) -> list[int]:
+        try:
+            prompt = [operator.index(t) for t in prompt]
+        except TypeError:
+            raise R1KitError(f"{what} must be a list of integer token ids") from None
+        if len(prompt) == 0:
+            raise R1KitError(f"{what} is empty (a prompt needs at least one token)")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise R1KitError(f"{what} has token ids outside [0, {self.vocab_size})")
+        return prompt
 
     def _check_args(self, prompts, group_size, max_new_tokens, temperature, top_p) -> None:
         if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
             raise R1KitError("Engine.generate: `prompts` is empty; pass at least one list of token ids")
         for i, p in enumerate(prompts):
-            if len(p) == 0:
-                raise R1KitError(f"Engine.generate: prompt {i} is empty (a prompt needs at least one token)")
-            if min(p) < 0 or max(p) >= self.vocab_size:
-                raise R1KitError(f"Engine.generate: prompt {i} has token ids outside [0, {self.vocab_size})")
+            self._check_prompt(f"Engine.generate: prompt {i}", p)
         for name, value in (("group_size", group_size), ("max_new_tokens", max_new_tokens)):
             if not isinstance(value, int) or value < 1:
                 raise R1KitError(f"Engine.generate: {name} must be an int >= 1, got {value!r}")
@@ -314,11 +561,10 @@ class Engine:
 
     def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> ids [P, Tp] left-padded with pad_token_id, mask [P, Tp] long (1 on real tokens)."""
-        dev = self.model.get_input_embeddings().weight.device
         Tp = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), Tp), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros(len(prompts), Tp, dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, Tp - len(p) :] = torch.as_tensor(p, dtype=torch.long)
             mask[i, Tp - len(p) :] = 1
-        return ids.to(dev), mask.to(dev)
+        return ids.to(self.device), mask.to(self.device)

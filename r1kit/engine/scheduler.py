@@ -1,0 +1,181 @@
+"""Request bookkeeping for the local engine: the waiting queue, admission, and the running batch's rows.
+
+A `Request` is one prompt with its SamplingParams; its n samples are n rows of the running `Batch`
+(they share the prompt's prefill and prompt-cache slot). `Scheduler` keeps requests waiting in arrival
+order and admits them, oldest first, while the running samples stay within `max_num_seqs` (a request that
+does not fit blocks the ones behind it, so a large n is never starved). The engine (r1kit/engine/local.py)
+drives one step at a time: decode the running rows, admit and prefill waiting requests into the same
+batch (continuous batching), sample every row with its own request's parameters, and retire finished rows.
+"""
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from r1kit.engine.api import SamplingParams
+
+
+@dataclass(eq=False)
+class Request:
+    """One prompt being served: its n samples, how each finished, and what it holds in the prefix cache."""
+
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None  # None: torch's global RNG
+    backend: str  # "fast" or "hf": the forward that serves it
+    draw_finished: bool = False  # generate(): a finished row keeps drawing until compacted (the original order)
+    use_cache: bool = True  # look the prompt up in / store it into the prefix cache
+    first_sid: int = 0  # generate(): output row of sample 0 (samples are rows first_sid .. first_sid + n - 1)
+    live: int = 0  # samples still generating
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    blocks: list = field(default_factory=list)  # prefix-cache blocks this request holds a reference on
+    finish: list = field(default_factory=list)  # per sample: None while running, then a FINISH_REASON
+    tokens: list = field(default_factory=list)  # per sample: generated ids (kept when completions are cached)
+    aborted: bool = False
+
+    def __post_init__(self):
+        self.live = self.params.n
+        self.finish = [None] * self.params.n
+        self.tokens = [[] for _ in range(self.params.n)]
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return tuple(self.params.stop_token_ids)
+
+
+class Batch:
+    """The running rows (one per sample) and their per-row state, as tensors the step works on.
+
+    rows[i] = (request, sample index); row tensors are [B]: `length` tokens generated so far, `max_len`
+    the request's max_tokens, `live` still generating (a finished row stays until the next compaction),
+    `last` the token sampled last (fed at the next decode), `prompt_len`, `eos` (EOS ends the row) and
+    `stops` [B, S] extra stop ids (-1 padded; None when no row has any).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.clear()
+
+    def clear(self) -> None:
+        dev = self.device
+        self.rows: list[tuple[Request, int]] = []
+        self.length = torch.zeros(0, dtype=torch.long, device=dev)
+        self.max_len = torch.zeros(0, dtype=torch.long, device=dev)
+        self.prompt_len = torch.zeros(0, dtype=torch.long, device=dev)
+        self.last = torch.zeros(0, dtype=torch.long, device=dev)
+        self.live = torch.zeros(0, dtype=torch.bool, device=dev)
+        self.eos = torch.zeros(0, dtype=torch.bool, device=dev)
+        self.sid = torch.zeros(0, dtype=torch.long, device=dev)
+        self.stops: torch.Tensor | None = None
+        self.backend = ""
+        self.n_live = 0
+        self._groups = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def append(self, requests: list[Request]) -> None:
+        """New rows at the end, in request order (request-major, sample-minor)."""
+        dev, new = self.device, [(r, i) for r in requests for i in range(r.params.n)]
+
+        def col(values, dtype=torch.long):
+            return torch.tensor(values, dtype=dtype, device=dev)
+
+        self.length = torch.cat((self.length, col([0] * len(new))))
+        self.max_len = torch.cat((self.max_len, col([r.params.max_tokens for r, _ in new])))
+        self.prompt_len = torch.cat((self.prompt_len, col([len(r.prompt) for r, _ in new])))
+        self.last = torch.cat((self.last, col([0] * len(new))))
+        self.live = torch.cat((self.live, col([True] * len(new), torch.bool)))
+        self.eos = torch.cat((self.eos, col([not r.params.ignore_eos for r, _ in new], torch.bool)))
+        self.sid = torch.cat((self.sid, col([r.first_sid + i for r, i in new])))
+        width = max([len(r.stop_ids) for r, _ in self.rows + new] + [0])
+        if width:
+            stops = [list(r.stop_ids) + [-1] * (width - len(r.stop_ids)) for r, _ in self.rows + new]
+            self.stops = col(stops)
+        self.rows += new
+        self.n_live += len(new)
+        self._groups = None
+
+    def keep(self, keep: list[int]) -> None:
+        """Keep only rows `keep` (ascending)."""
+        idx = torch.tensor(keep, dtype=torch.long, device=self.device)
+        for name in ("length", "max_len", "prompt_len", "last", "live", "eos", "sid"):
+            setattr(self, name, getattr(self, name)[idx])
+        if self.stops is not None:
+            self.stops = self.stops[idx]
+        self.rows = [self.rows[i] for i in keep]
+        self._groups = None
+
+    def retire(self, row: int) -> None:
+        """Row `row` finished or was aborted: it no longer draws (unless its request draws while finished)."""
+        self.n_live -= 1
+        req = self.rows[row][0]
+        if not req.draw_finished:
+            self._groups = None
+
+    def groups(self) -> list[tuple[torch.Generator | None, float, float, torch.Tensor | None]]:
+        """Rows that draw this step, grouped by (generator, temperature, top_p), in row order.
+
+        A request with a seed has its own generator, so its draws depend on nothing else in the batch.
+        Rows of one group draw one uniform each, in row order; idx is None when the group is every row.
+        """
+        if self._groups is None:
+            keyed: dict = {}
+            for i, (req, k) in enumerate(self.rows):
+                if req.finish[k] is not None and not req.draw_finished:
+                    continue
+                p = req.params
+                key = (id(req.generator) if req.generator is not None else None, p.temperature, p.top_p)
+                keyed.setdefault(key, (req.generator, p.temperature, p.top_p, []))[3].append(i)
+            everyone = list(range(len(self.rows)))
+            self._groups = [
+                (g, t, tp, None if rows == everyone else torch.tensor(rows, dtype=torch.long, device=self.device))
+                for g, t, tp, rows in keyed.values()
+            ]
+        return self._groups
+
+
+class Scheduler:
+    """The waiting queue and the request registry; `admit` picks what joins the running batch next."""
+
+    def __init__(self, max_num_seqs: int | None):
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque[Request] = deque()
+        self.requests: dict[str, Request] = {}  # every unfinished request, waiting or running
+        self._ids = itertools.count()
+
+    def new_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    def add(self, req: Request) -> None:
+        self.requests[req.id] = req
+        self.waiting.append(req)
+
+    def admit(self, batch: Batch, joins: bool) -> list[Request]:
+        """Requests to prefill now: oldest first, while their samples fit beside the live rows.
+
+        joins: the running backend accepts rows mid-flight; if not, requests join only an empty batch.
+        A batch runs on one backend; a request for the other waits until the batch drains.
+        """
+        picked: list[Request] = []
+        running = batch.backend if len(batch) else ""
+        if running and not joins:
+            return picked
+        free = None if self.max_num_seqs is None else self.max_num_seqs - batch.n_live
+        while self.waiting:
+            req = self.waiting[0]
+            if (running and req.backend != running) or (free is not None and req.params.n > free):
+                break
+            running = req.backend
+            picked.append(self.waiting.popleft())
+            free = None if free is None else free - req.params.n
+        return picked
+
+    def remove(self, req: Request) -> None:
+        self.requests.pop(req.id, None)
+        if req in self.waiting:
+            self.waiting.remove(req)
