@@ -96,7 +96,7 @@ def _case_result(case: dict, out: str, err: str, limits: Limits) -> RunResult:
 
     if case.get("timeout") or sig in (signal.SIGXCPU, signal.SIGKILL):
         return result(TIMEOUT, f"over the {limits.timeout_s:g} s wall / {limits.cpu_s:g} s CPU limit")
-    if sig == signal.SIGXFSZ or len(out.encode()) >= limits.output_bytes or len(err.encode()) >= limits.output_bytes:
+    if sig == signal.SIGXFSZ or "File too large" in err[-2000:] or len(out.encode()) >= limits.output_bytes or len(err.encode()) >= limits.output_bytes:
         return result(OUTPUT_LIMIT, f"wrote more than the {limits.output_bytes}-byte output limit")
     if "MemoryError" in err[-2000:] or sig == signal.SIGSEGV:
         return result(MEMORY, f"over the {limits.memory_mb} MB memory limit")
@@ -130,12 +130,10 @@ def run_cases(code: str, stdins: Sequence[str], limits: Limits = Limits(), *, po
         if status == SANDBOX_ERROR:
             _count(SANDBOX_ERROR, str(why))
         return [RunResult(status, "", "", None, None, 0.0, str(why)) for _ in stdins]
-    outputs = report.get("outputs", [])
     results = []
     for i in range(len(stdins)):
         if i < len(cases):
-            out, err = outputs[i] if i < len(outputs) else ("", "")
-            results.append(_case_result(cases[i], out, err, limits))
+            results.append(_case_result(cases[i], str(cases[i].get("stdout", "")), str(cases[i].get("stderr", "")), limits))
         else:
             results.append(RunResult(TIMEOUT, "", "", None, None, 0.0, "not run: an earlier case timed out"))
     return results
@@ -209,7 +207,7 @@ def check_asserts(code: str, entry_point: str, tests: Sequence[str], setup: str 
     if "sandbox_error" in report or "harness_error" in report or ("done" not in report and "passed" not in report
                                                                   and not report.get("timeout")):
         return _sandbox_failure(report, total)
-    out, err = (report.get("outputs") or [["", ""]])[0]
+    out, err = str(report.get("stdout", "")), str(report.get("stderr", ""))
     passed = int(report.get("passed", 0))
     if report.get("done") and passed == total:
         _count(PASSED, "")

@@ -215,7 +215,7 @@ def become_untrusted(job: dict, fds: dict[int, int], parent: int) -> None:
         os.setuid(job["uid"])
     _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     die_with_parent(parent)  # after setuid, which clears the parent-death signal
-    for sig in (signal.SIGPIPE, signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
 
 
@@ -317,19 +317,26 @@ def expose_python() -> None:
             os.close(fd)
 
 
-def setup_filesystem(workdir: str) -> None:
-    """Private mounts: the work dir appears as /tmp (its cwd), other world-writable dirs are empty tmpfs,
-    /proc shows only this namespace. Everything else keeps host permissions, which the job's uid (owner of
-    nothing on the host) cannot write."""
+def setup_filesystem(job: dict) -> None:
+    """Private mounts: a fresh tmpfs on /tmp is the work dir (it vanishes with the namespace, even after a
+    kill -9), other world-writable dirs are empty tmpfs, /proc shows only this namespace. Everything else
+    keeps host permissions, which the job's uid (owner of nothing on the host) cannot write."""
     _check(_libc.unshare(CLONE_NEWNS), "unshare(mount)")  # I's own: B stays in the host's mount namespace
     _check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
     expose_python()
-    _check(_libc.mount(workdir.encode(), b"/tmp", None, MS_BIND, None), "bind the work dir on /tmp")
+    size = f"size={4 * job['limits']['file_bytes'] + (4 << 20)},mode=700".encode()
+    _check(_libc.mount(b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, size), "mount the work dir on /tmp")
+    os.chown("/tmp", job["uid"], job["uid"])
     for path in (b"/var/tmp", b"/dev/shm", b"/run/lock"):
         if os.path.isdir(path):
             _libc.mount(b"tmpfs", path, b"tmpfs", MS_NOSUID | MS_NODEV, b"size=64k,mode=755")
     _libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV, None)
     os.chdir("/tmp")
+
+
+def _outputs(i: int, job: dict) -> tuple[str, str]:
+    cap = job["limits"]["output_bytes"]
+    return read_capped(f".out{i}", cap), read_capped(f".err{i}", cap)
 
 
 def _status(status: int) -> dict:
@@ -358,6 +365,7 @@ def stdio_cases(job: dict, out: int) -> None:
         kill_namespace_and_reap()
         res = {"seconds": time.monotonic() - start}
         res.update({"timeout": True} if status is None else _status(status))
+        res["stdout"], res["stderr"] = _outputs(i, job)
         results.append(res)
         if status is None and job.get("stop_on_timeout", True):
             break
@@ -371,6 +379,7 @@ def assert_tests(job: dict, jobfd: int, out: int) -> None:
     null = os.open(os.devnull, os.O_RDONLY)
     fo = os.open(".out0", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     fe = os.open(".err0", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    keep = (os.open(".out0", os.O_RDONLY), os.open(".err0", os.O_RDONLY))  # read after dropping privileges
     pid = os.fork()
     if pid == 0:
         become_untrusted(job, {0: null, 1: fo, 2: fe, 3: req_r, 4: rep_w}, os.getppid())
@@ -385,6 +394,8 @@ def assert_tests(job: dict, jobfd: int, out: int) -> None:
     os.close(jobfd)
     deadline = time.monotonic() + job["limits"]["timeout_s"]
     from_harness = run_assert_tests(secret, pid, req_w, rep_r, deadline)
+    cap = job["limits"]["output_bytes"]
+    from_harness["stdout"], from_harness["stderr"] = (os.pread(fd, cap, 0).decode("utf-8", "replace") for fd in keep)
     write_frame(out, from_harness)
 
 
@@ -486,7 +497,7 @@ def namespace_init(job: dict, jobfd: int, out: int, lifeline: int) -> None:
         pass
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     if job["isolated"]:
-        setup_filesystem(os.getcwd())
+        setup_filesystem(job)
     if job["mode"] == "stdio":
         stdio_cases(job, out)
     else:
@@ -515,11 +526,10 @@ def box(jobfd: int, resfd: int, server: int) -> None:
     try:
         job = read_frame(jobfd)
         job["uid"] = random.SystemRandom().randrange(1 << 20, 1 << 30, 2)
-        workdir = tempfile.mkdtemp(prefix="r1kit-sbx-", dir=job.get("tmp_root") or None)
-        os.chdir(workdir)
-        if job["isolated"]:
-            os.chown(workdir, job["uid"], job["uid"])
-        result = supervise(job, jobfd, workdir)
+        if not job["isolated"]:  # no private tmpfs: a host temp dir, removed below
+            workdir = tempfile.mkdtemp(prefix="r1kit-sbx-", dir=job.get("tmp_root") or None)
+            os.chdir(workdir)
+        result = supervise(job, jobfd)
     except BaseException as e:  # noqa: BLE001 - anything here is the sandbox's own failure
         result = {"sandbox_error": f"{type(e).__name__}: {e}"}
     finally:
@@ -530,7 +540,7 @@ def box(jobfd: int, resfd: int, server: int) -> None:
     os._exit(0)
 
 
-def supervise(job: dict, jobfd: int, workdir: str) -> dict:
+def supervise(job: dict, jobfd: int) -> dict:
     """Start I in fresh namespaces, wait for it within the deadline, then gather its report and outputs."""
     if job["isolated"]:
         _check(_libc.unshare(CLONE_NEWPID | CLONE_NEWNET), "unshare(net, pid)")
@@ -547,7 +557,7 @@ def supervise(job: dict, jobfd: int, workdir: str) -> dict:
     os.close(life_r)
     os.close(jobfd)
     try:
-        report = read_frame(out_r, deadline, limit=1 << 20)
+        report = read_frame(out_r, deadline)
     except TimeoutError:
         report = {"timeout": True, "whole": True}
     except (EOFError, ValueError):
@@ -557,9 +567,6 @@ def supervise(job: dict, jobfd: int, workdir: str) -> dict:
         os.kill(pid, signal.SIGKILL)
         status = os.waitpid(pid, 0)[1]
     report["init"] = _status(status)
-    cap = job["limits"]["output_bytes"]
-    report["outputs"] = [[read_capped(os.path.join(workdir, f".out{i}"), cap), read_capped(os.path.join(workdir, f".err{i}"), cap)]
-                         for i in range(n_runs)]
     return report
 
 
