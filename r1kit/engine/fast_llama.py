@@ -350,15 +350,14 @@ class FastLlama:
             if first >= 16 and first >= self.pbias.shape[1] // 4:
                 self.pkv, self.pbias = self.pkv[..., first:, :].contiguous(), self.pbias[:, first:].contiguous()
 
-    def prompt_kv(self, row: int, length: int) -> torch.Tensor:
-        """The K/V of row's prompt followed by its first `length` generated tokens: [L, 2, Hkv, n, D].
-
-        Prompt columns are the slot's real (unmasked) ones, in position order.
-        """
-        slot = int(self.row_prompt[row])
+    def slot_kv(self, slot: int) -> torch.Tensor:
+        """The K/V of a prompt slot's real (unmasked) columns, in position order: [L, 2, Hkv, Tp_real, D]."""
         real = (self.pbias[slot] == 0).nonzero().squeeze(1)  # [Tp_real]
-        prompt = self.pkv[:, :, slot].index_select(3, real)  # [L, 2, Hkv, Tp_real, D]
-        return torch.cat((prompt, self.gkv[:, :, row, :, :length]), dim=3)
+        return self.pkv[:, :, slot].index_select(3, real)
+
+    def prompt_kv(self, row: int, length: int) -> torch.Tensor:
+        """The K/V of row's prompt followed by its first `length` generated tokens: [L, 2, Hkv, n, D]."""
+        return torch.cat((self.slot_kv(int(self.row_prompt[row])), self.gkv[:, :, row, :, :length]), dim=3)
 
     def release(self) -> None:
         self.pkv = self.gkv = self.pbias = self.layers = self.glen = None

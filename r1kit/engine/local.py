@@ -34,6 +34,7 @@ from torch import nn
 
 from r1kit.engine.api import CacheStats, RequestOutput, SamplingParams
 from r1kit.engine.fast_llama import FastLlama, fast_path_problem
+from r1kit.engine.prefix_cache import PrefixCache
 from r1kit.engine.scheduler import Batch, Request, Scheduler
 from r1kit.types import R1KitError, Rollout
 
@@ -447,6 +448,8 @@ class Engine:
         outputs = [] if self._dense is not None else self._outputs(tokens, logprobs, live, all_live)
         for row in done:
             req, k = b.rows[row]
+            if self._dense is None and self._caches(req) and req.finish[k] != "abort":
+                self._cache_store_sample(row, req, k)
             b.retire(row)
             req.live -= 1
             if req.live == 0:
@@ -498,16 +501,60 @@ class Engine:
 
     # -- the prefix cache -----------------------------------------------------------------------------
 
-    def _make_prefix_cache(self, cache_mb: float, block_size: int):
-        if not cache_mb >= 0:
-            raise R1KitError(f"Engine: cache_mb must be >= 0, got {cache_mb}")
-        return None
+    def _make_prefix_cache(self, cache_mb: float, block_size: int) -> PrefixCache | None:
+        """The prefix cache, or None when cache_mb == 0 or the model runs on the HF forward (which
+        cannot prefill on top of cached K/V)."""
+        if not (isinstance(cache_mb, (int, float)) and cache_mb >= 0):
+            raise R1KitError(f"Engine: cache_mb must be a number >= 0, got {cache_mb!r}")
+        if not isinstance(block_size, int) or block_size < 1:
+            raise R1KitError(f"Engine: block_size must be an int >= 1, got {block_size!r}")
+        if cache_mb == 0 or self._fast is None:
+            return None
+        L, n_kv, D = self._fast.kv_shape
+        per_token = L * 2 * n_kv * D * self.model.get_input_embeddings().weight.element_size()
+        return PrefixCache(self.model, block_size, int(cache_mb * 2**20), per_token)
+
+    def _caches(self, req: Request) -> bool:
+        return self.prefix_cache is not None and req.use_cache and req.backend == "fast"
 
     def _cache_lookup(self, admitted: list[Request]):
-        return None
+        """Serve each admitted prompt's longest cached prefix (at least its last token is prefilled, for
+        its logits) -> None or (kv [L, 2, P, Hkv, C, D], valid [P, C]) right-aligned, for FastLlama.admit."""
+        if not any(self._caches(r) for r in admitted):
+            return None
+        cache = self.prefix_cache
+        cache.check_weights()
+        for req in admitted:
+            if self._caches(req):
+                req.blocks = cache.lookup(req.prompt, (len(req.prompt) - 1) // cache.block_size)
+                req.cached_tokens = len(req.blocks) * cache.block_size
+        C = max(r.cached_tokens for r in admitted)
+        if C == 0:
+            return None
+        L, n_kv, D = self._fast.kv_shape
+        emb = self.model.get_input_embeddings().weight
+        kv = torch.zeros(L, 2, len(admitted), n_kv, C, D, device=emb.device, dtype=emb.dtype)
+        valid = torch.zeros(len(admitted), C, dtype=torch.bool, device=emb.device)
+        for i, req in enumerate(admitted):
+            if req.cached_tokens:
+                kv[:, :, i, :, C - req.cached_tokens :] = torch.cat([b.kv for b in req.blocks], dim=3)
+                valid[i, C - req.cached_tokens :] = True
+        return kv, valid
 
     def _cache_store_prompts(self, admitted: list[Request]) -> None:
-        return None
+        """Store the full blocks of the admitted prompts that the cache does not hold yet."""
+        bs = self.prefix_cache.block_size if self.prefix_cache is not None else 0
+        first_slot = self._backend.n_prompts - len(admitted) if self._backend is self._fast else 0
+        for i, req in enumerate(admitted):
+            if self._caches(req) and len(req.prompt) // bs > len(req.blocks):
+                self.prefix_cache.insert(req.prompt, self._fast.slot_kv(first_slot + i))
+
+    def _cache_store_sample(self, row: int, req: Request, k: int) -> None:
+        """A finished sample's prompt + completion blocks (a multi-turn follow-up starts with them). The
+        last sampled token was never fed, so its K/V do not exist: blocks cover the tokens before it."""
+        fed, bs = req.tokens[k][:-1], self.prefix_cache.block_size
+        if (len(req.prompt) + len(fed)) // bs > len(req.prompt) // bs:
+            self.prefix_cache.insert(req.prompt + fed, self._fast.prompt_kv(row, len(fed)))
 
     def _rollout(self, ids, mask, G, tokens, logprobs, lengths, stopped) -> Rollout:
         Tc = int(lengths.max())
