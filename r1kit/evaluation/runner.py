@@ -29,7 +29,7 @@ from r1kit.evaluation.metrics import EvalSummary, SampleRecord, summarize
 from r1kit.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from r1kit.progress import progress_bar
 from r1kit.rewards.functions import has_reflection
-from r1kit.rewards.graders import extract_answer, grade_many
+from r1kit.rewards.graders import extract_for, grade_many
 from r1kit.rewards.mathverify import DEFAULT_TIMEOUT_S
 from r1kit.templates import parse_completion, render_prompt
 from r1kit.types import Problem, R1KitError
@@ -130,7 +130,7 @@ def _run_chunk(engine, tokenizer, problems, prompts, *, k, temperature, top_p, m
     if len(texts) != len(problems) * k:
         raise R1KitError(f"engine returned {len(texts)} completions for {len(problems)} prompts x {k} samples")
     owners = [p for p in problems for _ in range(k)]  # row p*k + g answers problem p
-    answers = [extract_answer(t) for t in texts]
+    answers = [extract_for(t, p) for t, p in zip(texts, owners)]
     verdicts = grade_many(answers, owners, grade_timeout_s)
     lengths = rollout.lengths.tolist()
     truncated = rollout.truncated.tolist()

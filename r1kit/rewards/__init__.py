@@ -64,6 +64,7 @@ from r1kit.rewards.graders import (  # noqa: E402
     grade_many,
 )
 from r1kit.rewards import language, shaping  # noqa: E402,F401  register "language", "overlong"
+from r1kit.rewards import code  # noqa: E402,F401  register "code", "code_fraction" (the sandbox starts on first use)
 
 __all__ = [
     "BATCH_REWARD_FUNCS", "GRADERS", "REWARD_FUNCS", "BatchRewardFn", "RewardFn", "RewardScores", "Verdict",

@@ -360,6 +360,25 @@ GRADERS: dict[str, Callable[[str | None, Problem], Verdict]] = {
 }
 
 
+def _grade_code(pred: str | None, problem: Problem) -> Verdict:
+    from r1kit.rewards.code import grade_code  # the sandbox is started only when code is graded
+
+    return grade_code(pred, problem)
+
+
+GRADERS["code"] = _grade_code
+
+
+def extract_for(text: str, problem: Problem) -> str | None:
+    """What evaluation grades: the program for "code" problems (r1kit.rewards.code.extract_program), else
+    the final answer (`extract_answer`)."""
+    if problem.answer_style == "code":
+        from r1kit.rewards.code import extract_program
+
+        return extract_program(text)
+    return extract_answer(text)
+
+
 def grader_for(answer_style: str) -> Callable[[str | None, Problem], Verdict]:
     try:
         return GRADERS[answer_style]
@@ -382,7 +401,15 @@ def grade_many(
         raise ValueError(f"{len(preds)} answers for {len(problems)} problems")
     verdicts: list[Verdict | None] = [None] * len(preds)
     pending: list[int] = []
+    code = [i for i, p in enumerate(problems) if p.answer_style == "code"]
+    if code:  # programs run concurrently in the sandbox pool
+        from r1kit.rewards.code import grade_code_many
+
+        for i, v in zip(code, grade_code_many([preds[i] for i in code], [problems[i] for i in code])):
+            verdicts[i] = v
     for i, (pred, problem) in enumerate(zip(preds, problems)):
+        if verdicts[i] is not None:
+            continue
         if problem.answer_style == "math":
             verdicts[i] = _math_fast(pred, problem.answer)
             if verdicts[i] is None:
@@ -431,6 +458,7 @@ _EQUIVALENT: dict[str, Callable[[str, str], bool]] = {
     "numeric": _same_number,
     "countdown": _same_countdown,
     "math": _same_math,
+    "code": lambda a, b: False,  # programs vote together only when their text is the same
 }
 
 

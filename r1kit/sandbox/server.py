@@ -393,7 +393,7 @@ def assert_tests(job: dict, jobfd: int, out: int) -> None:
     secret = read_frame(jobfd)
     os.close(jobfd)
     deadline = time.monotonic() + job["limits"]["timeout_s"]
-    from_harness = run_assert_tests(secret, pid, req_w, rep_r, deadline)
+    from_harness = run_assert_tests(secret, job["entry_point"], pid, req_w, rep_r, deadline)
     cap = job["limits"]["output_bytes"]
     from_harness["stdout"], from_harness["stderr"] = (os.pread(fd, cap, 0).decode("utf-8", "replace") for fd in keep)
     write_frame(out, from_harness)
@@ -438,7 +438,7 @@ def _failed_line(tb, source: str) -> str:
     return ""
 
 
-def run_assert_tests(secret: dict, pid: int, tx: int, rx: int, deadline: float) -> dict:
+def run_assert_tests(secret: dict, entry_point: str, pid: int, tx: int, rx: int, deadline: float) -> dict:
     """Load the candidate, run setup then each test; the verdict is built only here, in trusted code."""
     try:
         loaded = read_frame(rx, deadline)
@@ -453,7 +453,8 @@ def run_assert_tests(secret: dict, pid: int, tx: int, rx: int, deadline: float) 
         exec(compile(secret["setup"], "<setup>", "exec"), env)
     except BaseException as e:  # noqa: BLE001
         return {"passed": 0, "harness_error": f"the problem's setup code fails: {_exc_text(e)}"}
-    env["candidate"] = _candidate_proxy(pid, tx, rx, deadline)
+    # Tests may call the function by its own name too (HumanEval/33 does), as in HumanEval's harness.
+    env["candidate"] = env[entry_point] = _candidate_proxy(pid, tx, rx, deadline)
     passed, first = 0, None
     for i, test in enumerate(secret["tests"]):
         outcome = _one_test(test, env, pid, deadline)

@@ -29,7 +29,8 @@ class Task(Protocol):
 TASKS: dict[str, Callable[..., Task]] = {}
 
 # Modules that register tasks when imported; imported lazily so `import r1kit` stays light.
-_TASK_MODULES = ("r1kit.tasks.arithmetic", "r1kit.tasks.countdown", "r1kit.tasks.files")
+_TASK_MODULES = ("r1kit.tasks.arithmetic", "r1kit.tasks.countdown", "r1kit.tasks.files", "r1kit.tasks.humaneval",
+                 "r1kit.tasks.code_synth")
 
 
 def register_task(name: str) -> Callable[[Callable[..., Task]], Callable[..., Task]]:
