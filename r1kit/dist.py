@@ -118,8 +118,15 @@ def run_main(fn: Callable[[], int]) -> int:
         print(f"r1kit: rank {rank()} failed: {type(e).__name__}: {e}\n{traceback.format_exc()}", file=sys.stderr,
               flush=True)
         os._exit(1)  # not sys.exit: a peer's collective may keep this process in a destructor otherwise
+    if not is_initialized():
+        return code
+    # All ranks finish together, then leave without the interpreter's teardown: gloo's threads could
+    # otherwise abort a process at exit ("terminate called without an active exception").
+    barrier()
     shutdown()
-    return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
 
 
 # ----------------------------------------------------------------------------- shares and seeds
@@ -134,6 +141,16 @@ def share(n: int, field: str, *, world_size: int | None = None, rank_: int | Non
                          f"share of the global batch")
     k = n // w
     return slice(r * k, (r + 1) * k)
+
+
+def even_share(n: int, *, world_size: int | None = None, rank_: int | None = None) -> slice:
+    """This rank's contiguous share of `n` items when `n` need not divide: sizes differ by at most one
+    (the first `n % world` ranks take one more); a share may be empty when n < world."""
+    w = world() if world_size is None else world_size
+    r = rank() if rank_ is None else rank_
+    base, extra = divmod(n, w)
+    start = r * base + min(r, extra)
+    return slice(start, start + base + (r < extra))
 
 
 def take_share(items: Sequence, field: str) -> list:
@@ -244,18 +261,20 @@ def wrap(module: torch.nn.Module, strategy: str = "ddp", *, field: str = "dist.s
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ddp = DDP(module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        ddp = DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
         ddp.register_comm_hook(None, _sum_hook)
         return ddp
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (world(),))
-    for layer in _decoder_layers(module):
+    layers = _decoder_layers(module)
+    for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(module, mesh=mesh)
-    module.set_gradient_divide_factor(1.0)
-    module.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
+    for m in [*layers, module]:  # the settings are per sharded module
+        m.set_gradient_divide_factor(1.0)
+        m.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
     return module
 
 

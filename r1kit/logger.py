@@ -57,6 +57,19 @@ class MetricsLogger:
             self._tb.close()
 
 
+class NullLogger:
+    """What ranks other than 0 log to under torchrun: nothing (only rank 0 writes files)."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def plot_curves(metrics_path: Path, out_path: Path, panels: list[tuple[str, list[str]]]) -> Path | None:
     """One PNG with a panel per (title, [metric keys]) against step; None when there is nothing to plot."""
     import matplotlib
