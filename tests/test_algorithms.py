@@ -104,7 +104,7 @@ def ref_objective(b, o):
     pg = [[0.0] * t for _ in range(n)]
     kl = [[0.0] * t for _ in range(n)]
     flags = {"low": 0, "high": 0, "dual": 0, "any": 0}
-    ratios, approx, gaps, count = 0.0, 0.0, [], 0
+    ratios, approx, gaps, count, capped = 0.0, 0.0, [], 0, 0
     for i in range(n):
         cols = [j for j in range(t) if mask[i, j]]
         seq_ratio = None
@@ -117,6 +117,7 @@ def ref_objective(b, o):
             gap = old[i, j].item() - b["sampler"][i, j].item()
             if o["tis_cap"] is not None:
                 term = term * min(math.exp(gap), o["tis_cap"])
+                capped += math.exp(gap) > o["tis_cap"]
             pg[i][j] = term
             kl[i][j] = ref_kl(lp[i, j], b["ref"][i, j], o["kl_estimator"])
             for key, flag in (("low", low), ("high", high), ("dual", dual), ("any", low or high or dual)):
@@ -138,6 +139,8 @@ def ref_objective(b, o):
         "entropy": sum(b["entropy"][i, j].item() for i in range(n) for j in range(t) if mask[i, j]) / c,
         "logprob_mismatch_mean": sum(gaps) / c, "logprob_mismatch_max": max(gaps, default=0.0),
     }
+    if o["tis_cap"] is not None:
+        metrics["tis_capped_frac"] = capped / c
     return loss, metrics
 
 

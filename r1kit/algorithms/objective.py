@@ -109,7 +109,7 @@ def policy_objective(
     denominator: `agg_denominator(full_batch_mask, agg_mode)` when accumulating gradients.
     Returns (scalar loss, metrics of detached scalars): pg_loss, approx_kl (k3 of old vs new),
     clip_frac_low / _high / _dual / clip_frac, ratio_mean; kl if ref_logprobs is given; entropy if
-    given; logprob_mismatch_mean / _max if sampler_logprobs is given. Token metrics are means over
+    given; logprob_mismatch_mean / _max if sampler_logprobs is given, tis_capped_frac with TIS. Token metrics are means over
     this micro-batch's valid tokens.
     """
     validate_algorithm_options(loss_type, agg_mode, "grpo", kl_estimator, clip_low, clip_high, beta,
@@ -139,6 +139,8 @@ def policy_objective(
         metrics["logprob_mismatch_mean"], metrics["logprob_mismatch_max"] = logprob_mismatch(old, sampler, valid)
         if tis_cap is not None:
             pg_per_token = pg_per_token * tis_weights(old, sampler, tis_cap)  # [N, T]
+            # share of tokens whose weight pi_old / pi_sampler was cut at the cap
+            metrics["tis_capped_frac"] = masked_mean(((old - sampler) > math.log(tis_cap)).to(old.dtype), valid)
     pg_loss = agg(pg_per_token)
     loss = pg_loss
 

@@ -25,6 +25,9 @@ How it is wired (the choices TRL's colocate mode and verl make, checked against 
   seed + g, vLLM's rule), so a run is reproducible given its generator; vLLM's own sampler differs from the
   local engine's, so the same seed does not give the same tokens across backends (greedy does).
 
+One in-process vLLM per process: vLLM keeps its distributed state in globals, which its teardown destroys. A
+second engine over the same module with the same options shares the live one (and syncs its weights); one for
+another model shuts the old one down first (using the old one then is an R1KitError saying so).
 Mixing the two ways in is refused: `generate()` while server requests are unfinished would run them too.
 Bad input stops before any training: an architecture vLLM lacks, a head size its CPU attention cannot run
 (32, 64, 80, ... on CPU), or a folder vLLM cannot load is an R1KitError naming the model and suggesting
@@ -39,6 +42,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,8 +175,24 @@ class VLLMEngine:
         self._ids = itertools.count()
         self._requests: dict[str, tuple[int, list[str]]] = {}  # r1kit id -> (prompt length, vLLM ids)
         self._subs: dict[str, tuple[str, int]] = {}  # vLLM id -> (r1kit id, index of its first sample)
-        self.llm = self._load(vllm, model, name, max_num_seqs=max_num_seqs, cache_mb=cache_mb,
-                              block_size=block_size, seed=seed)
+        options = (self.dtype, max_num_seqs, cache_mb, block_size, self.max_positions, seed)
+        live = _LIVE.get("llm")
+        if live is not None and _LIVE["model"]() is model and _LIVE["options"] == options:
+            self._llm = live  # a second engine over the same policy (e.g. evaluation): share vLLM, sync weights
+            self.load_weights()
+            return
+        shutdown_live()  # vLLM's distributed state is per process: one in-process engine at a time
+        self._llm = self._load(vllm, model, name, max_num_seqs=max_num_seqs, cache_mb=cache_mb,
+                               block_size=block_size, seed=seed)
+        _LIVE.update(llm=self._llm, model=weakref.ref(model), options=options)
+
+    @property
+    def llm(self):
+        """The vLLM `LLM`; an R1KitError once it was shut down (a newer engine for another model replaced it)."""
+        if self._llm is None or _LIVE.get("llm") is not self._llm:
+            raise R1KitError("this vLLM engine was shut down: a process runs one in-process vLLM engine at a time, "
+                             "and a newer one (another model or other engine options) replaced it")
+        return self._llm
 
     def _load(self, vllm, model, name, *, max_num_seqs, cache_mb, block_size, seed):
         from vllm.platforms import current_platform
@@ -344,8 +364,23 @@ class VLLMEngine:
                           miss_tokens=self.stats.prompt_tokens - self.stats.cache_hit_tokens)
 
     def close(self) -> None:
-        """Drop vLLM's engine (its memory is freed when the last reference goes)."""
-        self.llm = None
+        """Shut vLLM down now (every engine sharing it), freeing its memory and its distributed state."""
+        if self._llm is not None and _LIVE.get("llm") is self._llm:
+            shutdown_live()
+        self._llm = None
+
+
+_LIVE: dict = {}  # the process's one in-process vLLM: {"llm", "model" (weakref), "options"}
+
+
+def shutdown_live() -> None:
+    """Shut down the live in-process vLLM, if any. vLLM's teardown also destroys the process-wide distributed
+    state, so an old engine left to the garbage collector would break a newer one: shut it down explicitly
+    first (the client's finalizer is then detached and never runs again)."""
+    llm = _LIVE.pop("llm", None)
+    _LIVE.clear()
+    if llm is not None:
+        llm.llm_engine.engine_core.shutdown()
 
 
 def _check_prompt(what: str, ids, vocab: int) -> None:
