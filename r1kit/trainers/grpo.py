@@ -155,6 +155,7 @@ class GRPOTrainer:
         cfg, log_cfg = self.cfg, self.cfg.log
         if resume:
             self.resume()
+            self.engine.load_weights()  # the engine samples the checkpoint's weights, not the initial ones
         logger = MetricsLogger(self.run_dir, log_cfg.tensorboard, resume_step=self.step_idx if resume else None)
         records = []
         if self.step_idx == 0 and (initial_metrics or self.evaluate is not None):
@@ -196,6 +197,9 @@ class GRPOTrainer:
         with _timed(times, "update"):
             # dynamic sampling found no group with a spread of rewards: nothing to learn from, skip
             update_metrics = self.update(batch) if sampling.informative else {}
+        if sampling.informative:
+            with _timed(times, "sync"):
+                self.engine.load_weights()  # next rollouts sample the new weights (vLLM: in place; local: no-op)
         self.step_idx += 1
         elapsed = time.perf_counter() - t0
         record = {"step": self.step_idx, **self._batch_metrics(batch), **update_metrics,
