@@ -286,7 +286,8 @@ class Engine:
         if not self.scheduler.requests:
             return outputs
         was_training = self.model.training
-        self.model.eval()  # dropout off while sampling; restored below
+        if was_training:  # (eval() walks every module: not per step when the model is in eval mode already)
+            self.model.eval()  # dropout off while sampling; restored below
         try:
             with torch.inference_mode():
                 outputs += self._step()
@@ -296,7 +297,8 @@ class Engine:
             self._release()
             raise
         finally:
-            self.model.train(was_training)
+            if was_training:
+                self.model.train()
         return outputs
 
     def load_weights(self, state_dict: dict[str, torch.Tensor] | None = None) -> None:
@@ -376,11 +378,9 @@ class Engine:
             self._compact()  # aborted rows stop costing compute at once
         joins = self._backend is None or self._backend.supports_joins
         admitted = self.scheduler.admit(batch, joins)
-        if admitted and len(batch) > batch.n_live:
-            self._compact()  # new rows go after the live ones; finished rows are not carried along
         logits = []
         if len(batch):
-            positions = batch.prompt_len + batch.length - 1  # [B] position of the token fed now
+            positions = batch.last_pos + batch.length  # [B] position of the token fed now
             logits.append(self._backend.decode(batch.last, positions))
             self.stats.decode_steps += 1
             self.stats.decode_tokens += len(batch)
@@ -426,7 +426,9 @@ class Engine:
         all_live = b.n_live == len(b)
         live = b.live
         length = b.length + 1 if all_live else b.length + live.long()  # [B] tokens per row after this one
-        hit = torch.isin(tokens, self._eos) & b.eos  # [B]
+        hit = torch.isin(tokens, self._eos)  # [B]
+        if not b.all_eos:
+            hit &= b.eos
         if b.stops is not None:
             hit |= (tokens[:, None] == b.stops).any(1)
         hit = hit if all_live else hit & live

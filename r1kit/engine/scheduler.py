@@ -52,8 +52,8 @@ class Batch:
 
     rows[i] = (request, sample index); row tensors are [B]: `length` tokens generated so far, `max_len`
     the request's max_tokens, `live` still generating (a finished row stays until the next compaction),
-    `last` the token sampled last (fed at the next decode), `prompt_len`, `eos` (EOS ends the row) and
-    `stops` [B, S] extra stop ids (-1 padded; None when no row has any).
+    `last` the token sampled last (fed at the next decode), `last_pos` (prompt length - 1), `eos` (EOS ends
+    the row) and `stops` [B, S] extra stop ids (-1 padded; None when no row has any).
     """
 
     def __init__(self, device: torch.device):
@@ -65,12 +65,13 @@ class Batch:
         self.rows: list[tuple[Request, int]] = []
         self.length = torch.zeros(0, dtype=torch.long, device=dev)
         self.max_len = torch.zeros(0, dtype=torch.long, device=dev)
-        self.prompt_len = torch.zeros(0, dtype=torch.long, device=dev)
+        self.last_pos = torch.zeros(0, dtype=torch.long, device=dev)  # prompt length - 1
         self.last = torch.zeros(0, dtype=torch.long, device=dev)
         self.live = torch.zeros(0, dtype=torch.bool, device=dev)
         self.eos = torch.zeros(0, dtype=torch.bool, device=dev)
         self.sid = torch.zeros(0, dtype=torch.long, device=dev)
         self.stops: torch.Tensor | None = None
+        self.all_eos = True  # every row ends at an EOS (no ignore_eos): the `eos` mask is all True
         self.backend = ""
         self.n_live = 0
         self._groups = None
@@ -87,7 +88,7 @@ class Batch:
 
         self.length = torch.cat((self.length, col([0] * len(new))))
         self.max_len = torch.cat((self.max_len, col([r.params.max_tokens for r, _ in new])))
-        self.prompt_len = torch.cat((self.prompt_len, col([len(r.prompt) for r, _ in new])))
+        self.last_pos = torch.cat((self.last_pos, col([len(r.prompt) - 1 for r, _ in new])))
         self.last = torch.cat((self.last, col([0] * len(new))))
         self.live = torch.cat((self.live, col([True] * len(new), torch.bool)))
         self.eos = torch.cat((self.eos, col([not r.params.ignore_eos for r, _ in new], torch.bool)))
@@ -98,12 +99,13 @@ class Batch:
             self.stops = col(stops)
         self.rows += new
         self.n_live += len(new)
+        self.all_eos = all(not r.params.ignore_eos for r, _ in self.rows)
         self._groups = None
 
     def keep(self, keep: list[int]) -> None:
         """Keep only rows `keep` (ascending)."""
         idx = torch.tensor(keep, dtype=torch.long, device=self.device)
-        for name in ("length", "max_len", "prompt_len", "last", "live", "eos", "sid"):
+        for name in ("length", "max_len", "last_pos", "last", "live", "eos", "sid"):
             setattr(self, name, getattr(self, name)[idx])
         if self.stops is not None:
             self.stops = self.stops[idx]

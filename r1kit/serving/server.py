@@ -28,6 +28,7 @@ class ServeOptions:
     served_model_name: str | None = None  # default: the model folder's name
     max_num_seqs: int = 256  # running samples (the engine's continuous batch)
     cache_mb: float = 256.0  # the engine's prefix-cache budget
+    backend: str = "local"  # the engine: local (r1kit's) | vllm (in-process vLLM, the `vllm` extra)
     max_waiting: int = 256  # samples admitted beyond max_num_seqs before 429s
     limits: Limits = Limits()
     system_prompt: str | None = "auto"  # "auto": r1kit's R1-Zero instruction for r1kit's chat template
@@ -72,7 +73,8 @@ def build_state(opts: ServeOptions):
     context = getattr(model.config, "max_position_embeddings", None)
     if not isinstance(context, int) or context < 2:
         raise R1KitError(f"model {opts.model!r}: its config has no usable max_position_embeddings ({context!r})")
-    engine = make_engine(model, tok, backend="local", max_num_seqs=opts.max_num_seqs, cache_mb=opts.cache_mb)
+    engine = make_engine(model, tok, backend=opts.backend, max_num_seqs=opts.max_num_seqs, cache_mb=opts.cache_mb,
+                         **({"model_name": opts.model} if opts.backend == "vllm" else {}))
     loop = EngineLoop(engine, max_pending=opts.max_num_seqs + opts.max_waiting)
     name = opts.served_model_name or Path(opts.model).resolve().name
     return ServerState(loop=loop, tokenizer=tok, model_name=name, context=context, limits=opts.limits,
@@ -127,6 +129,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--served-model-name", default=None, help="the model id clients send (default: folder name)")
     ap.add_argument("--max-num-seqs", type=int, default=256, help="samples decoded together (continuous batch)")
     ap.add_argument("--cache-mb", type=float, default=256.0, help="prefix-cache budget (MiB)")
+    ap.add_argument("--backend", default="local", choices=["local", "vllm"],
+                    help="generation engine: r1kit's own, or in-process vLLM (the `vllm` extra)")
     ap.add_argument("--max-waiting", type=int, default=256, help="samples queued beyond --max-num-seqs before 429s")
     ap.add_argument("--max-body-mb", type=float, default=2.0, help="request body limit (413 above)")
     ap.add_argument("--max-messages", type=int, default=512)
@@ -152,6 +156,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     serve(ServeOptions(model=ns.model, host=ns.host, port=ns.port, api_key=ns.api_key,
                        served_model_name=ns.served_model_name, max_num_seqs=ns.max_num_seqs, cache_mb=ns.cache_mb,
+                       backend=ns.backend,
                        max_waiting=ns.max_waiting, limits=limits, system_prompt=ns.system_prompt, dtype=ns.dtype,
                        threads=ns.threads, shutdown_grace_s=ns.shutdown_grace, log_level=ns.log_level))
     return 0
