@@ -14,6 +14,7 @@ group of G samples often holds the same program several times.
 from __future__ import annotations
 
 import re
+import textwrap
 import threading
 from collections import OrderedDict
 from typing import Sequence
@@ -57,11 +58,19 @@ def _tests_of(problem: Problem) -> CodeTests:
 
 
 def full_program(program: str, tests: CodeTests) -> str:
-    """The program as run: HumanEval's prompt is put first when the program does not define the function."""
-    if tests.kind == "assert" and tests.prompt and not re.search(rf"^\s*def\s+{re.escape(tests.entry_point)}\s*\(",
-                                                               program, re.MULTILINE):
-        return tests.prompt + program
-    return program
+    """The program as run: HumanEval's prompt is put first when the program does not define the function. A
+    body whose first line lost its indentation (answers are stripped) is re-indented when that makes it compile."""
+    if tests.kind != "assert" or not tests.prompt or re.search(
+            rf"^\s*def\s+{re.escape(tests.entry_point)}\s*\(", program, re.MULTILINE):
+        return program
+    options = [program, "    " + program, textwrap.indent(program, "    ")]
+    for body in options:
+        try:
+            compile(tests.prompt + body, "solution.py", "exec")  # compiling runs nothing
+            return tests.prompt + body
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            continue
+    return tests.prompt + program  # it does not compile: the sandbox reports the SyntaxError
 
 
 def run_code_tests(program: str | None, tests: CodeTests, limits: Limits | None = None) -> TestVerdict:

@@ -24,7 +24,7 @@ from typing import Any, Iterable
 
 from r1kit.data import BENCHMARKS, require_data_file
 from r1kit.tasks.base import register_task
-from r1kit.types import Problem, R1KitError
+from r1kit.types import CodeTests, Problem, R1KitError
 
 # (location label, record), e.g. ("line 3", {...}); the label is what error messages quote.
 Record = tuple[str, dict[str, Any]]
@@ -142,9 +142,15 @@ def records_to_problems(
     answer_style: str,
     solution_field: str | None,
     meta_fields: Iterable[str],
+    tests_field: str | None = None,
 ) -> list[Problem]:
-    """Build and validate one Problem per record; `source` (the file) prefixes every error message."""
+    """Build and validate one Problem per record; `source` (the file) prefixes every error message.
+
+    `tests_field` names a field of code tests (see CodeTests.from_json); answer_style "code" needs one, and its
+    answer field (a reference solution) may be absent."""
     meta_fields = list(meta_fields)
+    if answer_style == "code" and tests_field is None:
+        raise R1KitError(f"{source}: answer_style 'code' needs tests_field (the record field holding each problem's tests)")
     problems: list[Problem] = []
     first_seen: dict[str, str] = {}  # id -> location of its first record
     for index, (loc, rec) in enumerate(records):
@@ -157,14 +163,20 @@ def records_to_problems(
             raise R1KitError(f"{where}: duplicate id {pid!r} (first seen at {first_seen[pid]}); ids must be unique")
         first_seen[pid] = loc
         question = _text(_field(rec, problem_field, "problem_field", where), problem_field, "problem_field", where)
-        answer = _text(_field(rec, answer_field, "answer_field", where), answer_field, "answer_field", where)
+        if answer_style == "code" and not rec.get(answer_field):
+            answer = ""
+        else:
+            answer = _text(_field(rec, answer_field, "answer_field", where), answer_field, "answer_field", where)
+        tests = None
+        if tests_field is not None:
+            tests = CodeTests.from_json(_field(rec, tests_field, "tests_field", where), f"{where}: field {tests_field!r}")
         solution = ""
         if solution_field is not None:
             raw = _field(rec, solution_field, "solution_field", where)
             solution = "" if raw is None else _text(raw, solution_field, "solution_field", where, allow_empty=True)
         # deepcopy: meta may hold nested lists/dicts, and the parsed records are shared through the cache
         meta = {f: copy.deepcopy(_field(rec, f, "meta_fields", where)) for f in meta_fields}
-        problems.append(Problem(pid, question, answer, answer_style, task, solution, meta))
+        problems.append(Problem(pid, question, answer, answer_style, task, solution, meta, tests))
     return problems
 
 
@@ -199,6 +211,8 @@ class FileTask:
         answer_style: the grader for every problem ("exact", "numeric", "math", "countdown").
         solution_field: record field with a worked solution (None: no solution).
         meta_fields: record fields copied into `Problem.meta` (nested values kept as they are).
+        tests_field: record field holding code tests (answer_style "code"): {"entry_point", "asserts"} or
+            {"cases": [{"stdin", "stdout"}]}; see r1kit.types.CodeTests.from_json.
         test_fraction: share of ids held out, in [0, 1]; 1.0 makes an evaluation-only set.
         split_salt: changes which ids are held out while keeping the split stable and disjoint.
     """
@@ -216,6 +230,7 @@ class FileTask:
         meta_fields: Iterable[str] = (),
         test_fraction: float = 0.1,
         split_salt: str = "",
+        tests_field: str | None = None,
     ) -> None:
         if not 0.0 <= float(test_fraction) <= 1.0:
             raise R1KitError(f"task {task_name!r}: test_fraction must be in [0, 1], got {test_fraction}")
@@ -234,6 +249,7 @@ class FileTask:
             answer_style=answer_style,
             solution_field=solution_field,
             meta_fields=meta_fields,
+            tests_field=tests_field,
         )
         held = [heldout_score(p.id, split_salt) < self.test_fraction for p in problems]
         self._test = [p for p, h in zip(problems, held) if h]  # file order: stable for a given file
