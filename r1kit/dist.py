@@ -261,7 +261,8 @@ def wrap(module: torch.nn.Module, strategy: str = "ddp", *, field: str = "dist.s
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ddp = DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
+        # buffers (RoPE tables) are the same on every rank: no broadcast before each forward
+        ddp = DDP(module, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
         ddp.register_comm_hook(None, _sum_hook)
         return ddp
     from torch.distributed.device_mesh import init_device_mesh
