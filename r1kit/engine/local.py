@@ -1,24 +1,42 @@
 """The one generation path of r1kit: token ids in, sampled completions (ids, masks, logprobs) out.
 
-Used by RL rollouts, evaluation, `r1kit generate` and serving. Per `Engine.generate` call:
-1. left-pad the P prompts and prefill each unique prompt ONCE; its G samples (rows p*G+g) share that
-   prefill (TRL and HF `generate(num_return_sequences=G)` prefill every copy);
-2. decode step by step from a KV cache; rows that emitted EOS are dropped from the batch and the cache
+Used by RL rollouts, evaluation, `r1kit generate`/`sample` and serving, through one request scheduler
+(r1kit/engine/scheduler.py):
+- requests: `add_request(prompt_ids, SamplingParams)` queues a prompt with its own temperature, top-p,
+  max_tokens, stop token ids, seed and n; each `step()` admits waiting requests while the running samples
+  stay within `max_num_seqs` (they join the running batch mid-flight: continuous batching), decodes every
+  running sample by one token, samples each row with its request's parameters (a seeded request draws
+  from its own torch.Generator, so its tokens do not depend on what else runs), and streams one
+  `RequestOutput` per sample. `abort(id)` frees a request's slots for the next step.
+- batches: `generate(prompts, group_size=G)` is P requests with n = G sharing one generator; it returns a
+  `Rollout`. With all P*G samples in one batch it makes exactly the draws (one uniform per row per step,
+  in row order; finished rows keep drawing until compacted) and the numbers of the engine before the
+  scheduler, so training figures under a seed are unchanged. It bypasses the prefix cache: RL weights
+  change every step, and a batch prefilled together is the layout those figures were measured with.
+
+Per batch:
+1. each admitted prompt is prefilled ONCE and its n samples share that prefill (TRL and HF
+   `generate(num_return_sequences=G)` prefill every copy); with the prefix cache (r1kit/engine/prefix_cache.py,
+   `cache_mb`), only the part after its longest cached run of full blocks is prefilled;
+2. decode step by step from a KV cache; rows that finished are dropped from the batch and the cache
    (compaction), so finished rows stop costing compute (TRL decodes them on: 17-31% padding, NOTES.md);
-3. return a `Rollout` with the sampler's per-token logprobs:
+3. per-token logprobs are the sampler's:
        logprob_t = log_softmax(logits_t / temperature)[token_t]
    over the FULL temperature-scaled distribution (before top-p), which is what the trainer recomputes,
    so the importance ratio is 1 on-policy. temperature == 0 is greedy, with raw log_softmax(logits_t).
 
-Two backends share one interface (prefill / decode / keep_rows / release):
-- `FastLlama` (r1kit/engine/fast_llama.py): a pure-torch forward for Llama-family models (llama, qwen2, mistral: RMSNorm, default
-  RoPE, GQA, SiLU-gated MLP, optional biases, tied or untied lm_head) that reads the HF module's
-  parameters in place (no copies: optimizer updates are seen at once), with pre-allocated caches in a
+Two backends share one interface (admit / decode / keep_rows / release):
+- `FastLlama` (r1kit/engine/fast_llama.py): a pure-torch forward for Llama-family models (llama, qwen2,
+  mistral: RMSNorm, default RoPE, GQA, SiLU-gated MLP, optional biases, tied or untied lm_head) that reads
+  the HF module's parameters in place (no copies: optimizer updates are seen at once), with caches in a
   shared-prefix layout (the prompt's K/V stored and read once per group). Where Python and HF per-step
-  overhead dominate (tiny models, CPU) it is several times faster than `model.generate()`.
+  overhead dominate (tiny models, CPU) it is several times faster than `model.generate()`. Rows join it
+  mid-flight, and it prefills on top of cached prefix blocks.
 - `_HFBackend`: the model's own forward with a `DynamicCache`, for every other architecture and for
   Llama-family configs with features the fast path lacks (rope scaling, a sliding window shorter than
   the sequence, q/k norms, ...): we fall back rather than be silently wrong (`Engine.fallback_reason`).
+  It batches less cleverly: requests join only an empty batch (they wait for the running one to drain),
+  and it has no prefix cache.
 
 Speed: `python benchmarks/bench_engine.py` (results in benchmarks/results/engine.json).
 """
@@ -28,13 +46,13 @@ import operator
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 from torch import nn
 
 from r1kit.engine.api import CacheStats, RequestOutput, SamplingParams
 from r1kit.engine.fast_llama import FastLlama, fast_path_problem
 from r1kit.engine.prefix_cache import PrefixCache
+from r1kit.engine.sampling import sample_tokens
 from r1kit.engine.scheduler import Batch, Request, Scheduler
 from r1kit.types import R1KitError, Rollout
 
@@ -53,56 +71,6 @@ class EngineStats:
     def reset(self) -> None:
         for name in self.__dataclass_fields__:
             setattr(self, name, 0)
-
-
-def sample_tokens(
-    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row; return (tokens [B] long, logprobs [B] float32).
-
-    logits: [B, V]. logprobs are log_softmax(logits / temperature) of the sampled token over the full
-    distribution (top-p only restricts which tokens can be drawn). temperature == 0: greedy argmax with
-    raw log_softmax(logits). Top-p keeps the smallest set of most likely tokens whose cumulative
-    probability reaches top_p (always at least the top token; tokens tied with the last one kept are
-    kept too).
-
-    Sampling is by inverse CDF with one uniform draw per row from `generator`, so the result is a
-    deterministic function of its state. (On CPU this is ~20x cheaper than torch.multinomial or an
-    exponential race over [B, V] noise, which cost ~1 ms per step for 128 x 512.)
-    """
-    logits = logits.float()
-    if temperature == 0:
-        logp = torch.log_softmax(logits, dim=-1)  # [B, V]
-        tokens = logits.argmax(dim=-1)  # [B]
-        return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
-    logp = torch.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)  # [B, V]
-    probs = logp.exp()
-    if top_p < 1.0:
-        # keep tokens with p >= threshold; float ops, because bool masks are ~10x slower on CPU here
-        probs = probs * ((probs - _top_p_threshold(probs, top_p)).sign() + 1).clamp(max=1)
-    cdf = probs.cumsum(dim=-1)  # [B, V] unnormalised
-    total = cdf[:, -1:].contiguous()  # [B, 1]
-    u = torch.rand(total.shape, generator=generator, device=generator.device if generator is not None else total.device)
-    tokens = torch.searchsorted(cdf, u.to(total.device) * total, right=True)  # [B, 1]
-    # u * total can round up to total: never step past the last token with non-zero probability.
-    tokens = torch.minimum(tokens, torch.searchsorted(cdf, total)).squeeze(1)
-    return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
-
-
-def _top_p_threshold(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """The probability of the least likely token in each row's nucleus: [B, V] -> [B, 1].
-
-    Only the sorted values are needed, not the permutation; on CPU numpy sorts them ~50x faster than
-    torch.sort (3 ms for 128 x 512 on this machine, more than the whole model step).
-    """
-    if probs.device.type == "cpu":
-        desc = torch.from_numpy(np.ascontiguousarray(np.sort(probs.numpy(), axis=-1)[:, ::-1]))
-    else:
-        desc = probs.sort(dim=-1, descending=True).values  # [B, V]
-    # The nucleus is the top n tokens, n = 1 + #(prefix sums < top_p) (the token that crosses top_p is in).
-    below = torch.full((desc.shape[0], 1), top_p, dtype=desc.dtype, device=desc.device)
-    n_keep = (torch.searchsorted(desc.cumsum(dim=-1), below) + 1).clamp(max=desc.shape[1])  # [B, 1]
-    return desc.gather(1, n_keep - 1)
 
 
 class _HFBackend:
