@@ -5,6 +5,7 @@
     r1kit pretrain [CONFIG.yaml] [key=value ...]
     r1kit generate --model PATH --prompt TEXT [--n 4 --temperature 0.6 ...]
     r1kit eval --model PATH --benchmark NAME [...]
+    r1kit export --model ADAPTER_OR_CHECKPOINT --out DIR --merge   # a plain HF folder every verb loads
     r1kit pipeline [r1-tiny|CONFIG.yaml] [key=value ...]   # the R1 recipe + distillation, resumable
     r1kit sft [CONFIG] [sft.data=F sft.init=M] [--stage cold_sft]
     r1kit sample [CONFIG] [sample.model=M]
@@ -105,19 +106,17 @@ def cmd_generate(argv: list[str]) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="one JSON object per sample")
+    ap.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
     ns = ap.parse_args(argv)
-    import torch
-
-    from r1kit.engine import Engine
-    from r1kit.model import load_model
+    from r1kit.policy import Policy
     from r1kit.templates import parse_completion, render_prompt
     from r1kit.trainers.grpo import decode_completions
 
-    model, tok = load_model(ns.model)
-    eng = Engine(model, eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
+    policy = Policy.load(ns.model, device=ns.device)  # a bad folder is an error naming it
+    tok, eng = policy.tokenizer, policy.make_engine()
     texts = [q if ns.template == "none" else render_prompt(q, ns.template) for q in ns.prompt]
     ro = eng.generate([tok(t).input_ids for t in texts], group_size=ns.n, max_new_tokens=ns.max_new_tokens,
-                      temperature=ns.temperature, top_p=ns.top_p, generator=torch.Generator().manual_seed(ns.seed))
+                      temperature=ns.temperature, top_p=ns.top_p, generator=policy.generator(ns.seed))
     for i, c in enumerate(decode_completions(tok, ro)):
         q = ns.prompt[i // ns.n]
         if ns.json:
@@ -126,6 +125,28 @@ def cmd_generate(argv: list[str]) -> int:
                               "answer": p.answer, "tokens": int(ro.lengths[i]), "truncated": bool(ro.truncated[i])}))
         else:
             print(f"[{q} #{i % ns.n}]{c}")
+    return 0
+
+
+def cmd_export(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="r1kit export", description="Write a plain HF folder from a model, a checkpoint "
+                                 "or a LoRA adapter (merged into its base with --merge); every verb loads the result.")
+    ap.add_argument("--model", required=True, help="an HF folder, a LoRA adapter folder, or a checkpoint step-N/")
+    ap.add_argument("--out", required=True, help="the folder to write (written atomically)")
+    ap.add_argument("--merge", action="store_true", help="merge a LoRA adapter into its base weights")
+    ns = ap.parse_args(argv)
+    from r1kit.io import atomic_dir
+    from r1kit.model import load_model, save_model
+    from r1kit.types import R1KitError
+
+    src = Path(ns.model)
+    src = src / "model" if (src / "trainer_state.pt").exists() else src  # a checkpoint folder: its model/
+    if (src / "adapter_config.json").exists() and not ns.merge:
+        raise R1KitError(f"{str(src)!r} is a LoRA adapter: pass --merge to write a full model folder")
+    model, tok = load_model(src)  # an adapter folder loads merged into its base
+    with atomic_dir(Path(ns.out)) as tmp:
+        save_model(model, tok, tmp)
+    print(f"wrote {ns.out} ({sum(p.numel() for p in model.parameters()):,} parameters, {model.config.model_type})")
     return 0
 
 
@@ -225,7 +246,7 @@ def cmd_distill(argv: list[str]) -> int:
     return 0
 
 
-VERBS = {"zero": cmd_zero, "pretrain": cmd_pretrain, "generate": cmd_generate, "eval": cmd_eval,
+VERBS = {"zero": cmd_zero, "pretrain": cmd_pretrain, "generate": cmd_generate, "eval": cmd_eval, "export": cmd_export,
          "pipeline": cmd_pipeline, "sft": cmd_sft, "sample": cmd_sample, "rm": cmd_rm, "distill": cmd_distill}
 
 

@@ -50,9 +50,10 @@ from r1kit.algorithms import (
 )
 from r1kit.checkpoint import latest_checkpoint, load_trainer_state, restore_rng, rng_state, save_checkpoint
 from r1kit.config import GRPO_PRESETS, GRPOConfig, RunConfig, to_dict
-from r1kit.engine import Engine
+from r1kit.engine import GenerationEngine
 from r1kit.logger import MetricsLogger, plot_curves
 from r1kit.model import token_logprobs
+from r1kit.policy import Policy
 from r1kit.progress import progress_bar
 from r1kit.rewards import score_completions
 from r1kit.rewards.functions import has_reflection
@@ -133,20 +134,29 @@ def _accumulate(acc: dict[str, float], metrics: dict[str, Any], mean_weight: flo
 
 
 class GRPOTrainer:
-    def __init__(self, cfg: RunConfig, model, tokenizer, task, run_dir: Path, *, ref_model=None,
-                 evaluate: Callable[[Engine, int], dict[str, float]] | None = None):
+    """GRPO on a `Policy` built by the recipe (r1kit.policy): the trainer owns no model of its own. The
+    policy's module is what the engine samples from and what is checkpointed; training forwards go through
+    `policy.model` (a DDP/FSDP wrapper when r1kit.dist set one). With beta > 0 the reference is `ref_model`
+    when given, else the policy's adapters-off network (LoRA) or a frozen copy of its initial weights."""
+
+    def __init__(self, cfg: RunConfig, policy: Policy, task, run_dir: Path, *, ref_model=None,
+                 evaluate: Callable[[GenerationEngine, int], dict[str, float]] | None = None,
+                 engine: GenerationEngine | None = None):
         g = cfg.grpo
         check_grpo_options(g)
-        if g.beta > 0 and ref_model is None:
-            raise R1KitError(f"grpo.beta={g.beta} > 0 needs a reference model")
-        self.cfg, self.model, self.tokenizer, self.task = cfg, model, tokenizer, task
-        self.ref_model, self.evaluate = ref_model, evaluate  # with beta = 0 the reference is never called
+        if not isinstance(policy, Policy):
+            raise TypeError(f"GRPOTrainer takes an r1kit.policy.Policy, got {type(policy).__name__}")
+        self.cfg, self.policy, self.task = cfg, policy, task
+        self.model, self.tokenizer = policy.module, policy.tokenizer  # the unwrapped module, for engine and checkpoints
+        self.evaluate = evaluate
+        if g.beta > 0:  # with beta = 0 no reference exists and none is ever called
+            policy.keep_reference(ref_model)
         self.run_dir = Path(run_dir)
         self.overlong_buffer = g.overlong_buffer if g.overlong_buffer is not None else default_overlong_buffer(g.max_new_tokens)
-        self.engine = Engine(model, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id)
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=g.lr, weight_decay=g.weight_decay, betas=(0.9, 0.99))
+        self.engine = engine if engine is not None else policy.make_engine(backend=cfg.engine.backend)
+        self.optimizer = policy.make_optimizer(g.lr, g.weight_decay, betas=(0.9, 0.99))
         self.py_rng = random.Random(cfg.seed)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.generator = policy.generator(cfg.seed)
         self.step_idx = 0
 
     # ---- the loop ------------------------------------------------------------------------------
@@ -156,7 +166,10 @@ class GRPOTrainer:
         if resume:
             self.resume()
             self.engine.load_weights()  # the engine samples the checkpoint's weights, not the initial ones
-        logger = MetricsLogger(self.run_dir, log_cfg.tensorboard, resume_step=self.step_idx if resume else None)
+        # Resuming drops the records after the checkpoint; with no checkpoint yet (killed before the first
+        # one) that is every record, step 0 included, since step 0 is logged again just below.
+        logger = MetricsLogger(self.run_dir, log_cfg.tensorboard,
+                               resume_step=(self.step_idx if self.step_idx > 0 else -1) if resume else None)
         records = []
         if self.step_idx == 0 and (initial_metrics or self.evaluate is not None):
             logger.log({"step": 0, **(initial_metrics or self._eval_metrics())})
@@ -164,6 +177,9 @@ class GRPOTrainer:
                            initial=self.step_idx, total=cfg.grpo.steps)
         for _ in bar:
             record, batch = self.step()
+            record["peak_memory_mb"] = self.policy.peak_memory_mb()
+            if self.step_idx == 1 or not records:
+                record.update({f"params/{k}": v for k, v in self.policy.parameter_counts().items()})
             if self._due(cfg.eval.every) and self.evaluate is not None:
                 record.update(self._eval_metrics())
             if log_cfg.sample_every and (self.step_idx % log_cfg.sample_every == 0 or self.step_idx == 1):
@@ -189,7 +205,8 @@ class GRPOTrainer:
         with _timed(times, "logprobs"):
             old, entropy = self.old_policy_logprobs(ro)  # [N, Tc], [N, Tc] or None
             ref = self.reference_logprobs(ro) if g.beta > 0 else None  # [N, Tc]; beta = 0 never runs it
-        rewards = sampled.scores.total - self.kl_penalty(old, ref, ro.completion_mask)  # [N]
+        scores = self.policy.to_device(sampled.scores.total)  # [N] rewards are computed on the CPU
+        rewards = scores - self.kl_penalty(old, ref, ro.completion_mask)  # [N]
         advantages = compute_advantages(rewards, g.group_size, g.advantage)  # [N]
         batch = StepBatch(sampled.problems, ro, sampled.texts, sampled.scores, rewards, advantages, old,
                           self.loss_mask(ro, entropy), ref_logprobs=ref, sampling=sampling,
@@ -241,7 +258,8 @@ class GRPOTrainer:
         return (logprobs if g.recompute_old_logprobs else rollout.logprobs), entropy
 
     def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
-        return self._forward(self.ref_model, rollout)[0]
+        with self.policy.reference() as ref:  # LoRA: the same network, adapters disabled
+            return self._forward(ref, rollout)[0]
 
     @torch.no_grad()
     def _forward(self, model, rollout: Rollout, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -250,7 +268,8 @@ class GRPOTrainer:
         entropy = torch.zeros_like(rollout.logprobs) if with_entropy else None  # [N, Tc]
         for idx in self._micro_batches(rollout.num_rows):
             ids, mask, tc = micro_inputs(rollout, idx)
-            lp, ent = token_logprobs(model, ids, mask, tc, self.cfg.grpo.temperature, with_entropy=with_entropy)
+            with self.policy.autocast():
+                lp, ent = token_logprobs(model, ids, mask, tc, self.cfg.grpo.temperature, with_entropy=with_entropy)
             logprobs[idx, :tc] = lp
             if entropy is not None:
                 entropy[idx, :tc] = ent
@@ -261,7 +280,7 @@ class GRPOTrainer:
         g = self.cfg.grpo
         beta = g.beta * KL_MODES[g.kl_mode][1]
         if ref is None or beta == 0:
-            return torch.zeros(mask.shape[0])
+            return torch.zeros(mask.shape[0], device=mask.device)
         return kl_reward_penalty(logprobs, ref, mask, beta=beta, estimator=g.kl_estimator)
 
     def loss_mask(self, rollout: Rollout, entropy: torch.Tensor | None) -> torch.Tensor:
@@ -287,8 +306,9 @@ class GRPOTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             for idx in self._micro_batches(ro.num_rows):
                 ids, mask, tc = micro_inputs(ro, idx)
-                logprobs, entropy = token_logprobs(self.model, ids, mask, tc, g.temperature, with_entropy=True,
-                                                   entropy_grad=g.entropy_coef != 0)
+                with self.policy.autocast():
+                    logprobs, entropy = token_logprobs(self.policy.model, ids, mask, tc, g.temperature,
+                                                       with_entropy=True, entropy_grad=g.entropy_coef != 0)
                 part = lambda x: None if x is None else x[idx, :tc]  # noqa: E731  [B, tc] slice of an [N, Tc]
                 loss, m = policy_objective(
                     logprobs, part(batch.old_logprobs), batch.advantages[idx], part(batch.loss_mask),
@@ -301,7 +321,7 @@ class GRPOTrainer:
                 loss.backward()
                 share = float(batch.loss_mask[idx].sum()) / tokens if tokens else 0.0  # token-weighted means
                 _accumulate(acc, {**m, "loss": loss.detach()}, share / mu, 1.0 / mu)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), g.grad_clip)
+            grad_norm = self.policy.clip_grad_norm(g.grad_clip)
             _accumulate(acc, {"grad_norm": grad_norm}, 1.0 / mu, 1.0 / mu)
             self.optimizer.step()
         self.model.eval()
@@ -309,7 +329,7 @@ class GRPOTrainer:
 
     def _micro_batches(self, n: int) -> list[torch.Tensor]:
         size = max(1, self.cfg.grpo.micro_batch_size)
-        return [torch.arange(i, min(n, i + size)) for i in range(0, n, size)]
+        return [torch.arange(i, min(n, i + size), device=self.policy.device) for i in range(0, n, size)]
 
     # ---- metrics, evaluation, checkpoints -------------------------------------------------------
     def _batch_metrics(self, batch: StepBatch) -> dict[str, float]:
@@ -345,7 +365,7 @@ class GRPOTrainer:
     def save(self) -> Path:
         state = {"step": self.step_idx, "optimizer": self.optimizer.state_dict(),
                  "rng": rng_state(self.py_rng, self.generator)}
-        return save_checkpoint(self.run_dir / "checkpoints", self.step_idx, self.model, self.tokenizer, state,
+        return save_checkpoint(self.run_dir / "checkpoints", self.step_idx, self.policy, state,
                                yaml.safe_dump(to_dict(self.cfg), sort_keys=False), keep=self.cfg.log.keep_checkpoints)
 
     def resume(self) -> int:
@@ -354,13 +374,7 @@ class GRPOTrainer:
         ckpt = latest_checkpoint(self.run_dir / "checkpoints")
         if ckpt is None:
             return self.step_idx
-        from safetensors.torch import load_file
-
-        weights = load_file(str(ckpt / "model" / "model.safetensors"))
-        missing, unexpected = self.model.load_state_dict(weights, strict=False)
-        if unexpected or [k for k in missing if "lm_head" not in k]:
-            raise R1KitError(f"checkpoint {str(ckpt)!r} does not match the model (missing {missing}, unexpected {unexpected})")
-        self.model.tie_weights()
+        self.policy.load_weights(ckpt / "model")  # full weights, or the adapter with LoRA
         state = load_trainer_state(ckpt)
         self.optimizer.load_state_dict(state["optimizer"])
         restore_rng(state["rng"], self.py_rng, self.generator)

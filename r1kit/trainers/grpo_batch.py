@@ -141,12 +141,51 @@ def collect_groups(
 
 def generate_groups(engine, prompts: list[list[int]], seeds: list[int], make_generator: Callable[[int], torch.Generator],
                     *, group_size: int, max_new_tokens: int, temperature: float, top_p: float, pad_id: int) -> Rollout:
-    """Sample each prompt's group from its own random stream (`make_generator(seeds[i])`), so a group's
-    samples do not depend on which other groups share the call, or on which rank draws it: the rollout of
-    a data-parallel job is then the same as one process's (`grpo.rollout_seeds=group`). One engine call per
-    group, so it batches less than one call for all (`rollout_seeds=batch`, the single-process default)."""
+    """Sample each prompt's group from its own random stream, seeded by `seeds[i]`, so a group's samples do
+    not depend on which other groups share the batch, or on which rank draws it: the rollout of a
+    data-parallel job is then the same as one process's (`grpo.rollout_seeds=group`). Through the engine's
+    request API (one request with n = G and its own seed per group, batched together by the scheduler); an
+    engine without one gets one `generate` call per group with `make_generator(seed)`."""
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    parts = [engine.generate([ids], group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_p=top_p, generator=make_generator(seed)) for ids, seed in zip(prompts, seeds)]
-    return concat_rollouts(parts, pad_id)
+    if not callable(getattr(engine, "add_request", None)):
+        parts = [engine.generate([ids], group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_p=top_p, generator=make_generator(seed)) for ids, seed in zip(prompts, seeds)]
+        return concat_rollouts(parts, pad_id)
+    from r1kit.engine.api import SamplingParams
+
+    G = group_size
+    index = {engine.add_request(ids, SamplingParams(n=G, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+                                                    seed=seed)): p for p, (ids, seed) in enumerate(zip(prompts, seeds))}
+    tokens: list[list[int]] = [[] for _ in range(len(prompts) * G)]  # row p*G + k
+    logprobs: list[list[float]] = [[] for _ in range(len(prompts) * G)]
+    stopped = [False] * (len(prompts) * G)
+    while engine.has_unfinished():
+        for out in engine.step():
+            row = index[out.request_id] * G + out.index
+            tokens[row] += out.token_ids
+            logprobs[row] += out.logprobs
+            stopped[row] = out.finished and out.finish_reason == "stop"
+    ro = _rollout_of(prompts, tokens, logprobs, stopped, G, pad_id)
+    dev = getattr(engine, "device", None)  # where the engine's own rollouts live (the policy's device)
+    if dev is None or torch.device(dev) == ro.prompt_ids.device:
+        return ro
+    return Rollout(*(t.to(dev) for t in (ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask,
+                                          ro.logprobs, ro.truncated)), G)
+
+
+def _rollout_of(prompts: list[list[int]], tokens: list[list[int]], logprobs: list[list[float]], stopped: list[bool],
+                G: int, pad_id: int) -> Rollout:
+    """A Rollout (prompts left-padded, completions right-padded; rows p*G + k) from per-sample token lists."""
+    tp, tc = max(map(len, prompts)), max(1, max(map(len, tokens)))
+    prompt_ids = torch.full((len(prompts), tp), pad_id, dtype=torch.long)  # [P, Tp]
+    prompt_mask = torch.zeros((len(prompts), tp), dtype=torch.long)  # [P, Tp]
+    for p, ids in enumerate(prompts):
+        prompt_ids[p, tp - len(ids):], prompt_mask[p, tp - len(ids):] = torch.tensor(ids), 1
+    completion_ids = torch.full((len(tokens), tc), pad_id, dtype=torch.long)  # [N, Tc]
+    completion_mask = torch.zeros((len(tokens), tc))  # [N, Tc]
+    lps = torch.zeros((len(tokens), tc))  # [N, Tc]
+    for r, (ids, lp) in enumerate(zip(tokens, logprobs)):
+        completion_ids[r, : len(ids)], completion_mask[r, : len(ids)], lps[r, : len(lp)] = torch.tensor(ids, dtype=torch.long), 1.0, torch.tensor(lp)
+    return Rollout(prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0), completion_ids,
+                   completion_mask, lps, ~torch.tensor(stopped), G)
