@@ -247,3 +247,32 @@ def test_duplicate_ids_and_generate_during_requests_are_refused():
         engine.generate(PROMPTS, max_new_tokens=3)
     with pytest.raises(R1KitError, match="max_num_seqs"):
         Engine(_llama(), eos_token_ids=EOS, pad_token_id=PAD, max_num_seqs=0)
+
+
+def test_caches_grow_and_shrink_mid_flight_without_changing_results():
+    """Generation columns grow by doubling, and prompt columns only a finished long prompt used are
+    trimmed, while other rows are mid-decode."""
+    model = _llama(max_position_embeddings=128)
+    engine = Engine(model, eos_token_ids=[], pad_token_id=PAD, cache_mb=0, compact_fraction=0.0)
+    engine._fast.initial_gen_cols = 2
+    long_prompt = [11 + i % 80 for i in range(60)]
+    schedule = {0: [("short", PROMPTS[1], SamplingParams(n=2, max_tokens=30, seed=0))],
+                3: [("long", long_prompt, SamplingParams(max_tokens=4, seed=1))],
+                4: [("mid", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=20))]}
+    widths = []
+    got = {}
+    for s in range(40):
+        for rid, prompt, params in schedule.get(s, []):
+            engine.add_request(prompt, params, request_id=rid)
+        for o in engine.step():
+            toks, lps = got.get((o.request_id, o.index), ([], []))
+            got[(o.request_id, o.index)] = (toks + o.token_ids, lps + o.logprobs)
+        if engine._backend is not None:
+            widths.append(engine._fast.pbias.shape[1])
+    assert max(widths) >= 60 and widths[-1] < 16  # grew for the long prompt, trimmed once it left
+    assert engine._fast.gkv is None and engine.stats.compactions > 0
+    prompts = {"short": (PROMPTS[1], 1.0), "long": (long_prompt, 1.0), "mid": (PROMPTS[0], 0.0)}
+    for (rid, k), (toks, lps) in got.items():
+        prompt, t = prompts[rid]
+        assert len(toks) == {"short": 30, "long": 4, "mid": 20}[rid]
+        assert (torch.tensor(lps, dtype=torch.float64) - _reference(model, prompt, toks, t)).abs().max() <= 1e-5

@@ -159,3 +159,17 @@ def test_generate_bypasses_the_cache_and_abort_releases_references():
     cached.abort(rid)
     assert cached.cache_stats().extra["referenced_blocks"] == 0
     _run(cached, {0: []})
+
+
+def test_kv_computed_before_a_weight_change_is_never_stored():
+    model = _llama()
+    _, cached = _engines(model)
+    rid = cached.add_request(SYSTEM + QUESTIONS[1], SamplingParams(max_tokens=30, ignore_eos=True, seed=0))
+    for _ in range(3):
+        cached.step()
+    assert cached.cache_stats().blocks_in_use == 2  # the prompt's blocks, stored at admission
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.01)  # an optimizer step while the request runs
+    _run(cached, {0: []})
+    assert cached.cache_stats().blocks_in_use == 0  # old prompt blocks dropped, old completion not stored
+    assert rid not in cached.scheduler.requests

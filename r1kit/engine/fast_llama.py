@@ -156,6 +156,7 @@ class FastLlama:
         self.pkv = self.gkv = None
 
     supports_joins = True  # rows can join a running batch (the HF fallback cannot)
+    initial_gen_cols = 256  # generation-cache columns allocated up front; more are added by doubling
 
     def supports_length(self, total: int) -> str | None:
         if self.window is not None and total > self.window:
@@ -216,7 +217,7 @@ class FastLlama:
         if self.batch == 0:  # a fresh batch: exactly the original single-prefill layout
             L = len(self.layers)
             self.pkv, self.pbias, self.n_prompts = kv, bias, P
-            cols = min(gen_cols, 256)  # grows on demand: a long max_tokens need not be allocated up front
+            cols = min(gen_cols, self.initial_gen_cols)  # grows on demand: a long max_tokens is not allocated
             self.gkv = torch.zeros(L, 2, sum(counts), self.n_kv, cols, self.head_dim, device=dev, dtype=dtype)
             self.glen = torch.zeros(sum(counts), dtype=torch.long, device=dev)
             self.row_prompt, self.row_g, self.group, self.batch, self.t, self.tmax = row_prompt, row_g, max(counts), \

@@ -493,9 +493,10 @@ class Engine:
         if not any(self._caches(r) for r in admitted):
             return None
         cache = self.prefix_cache
-        cache.check_weights()
+        epoch = cache.check_weights()
         for req in admitted:
             if self._caches(req):
+                req.cache_epoch = epoch
                 req.blocks = cache.lookup(req.prompt, (len(req.prompt) - 1) // cache.block_size)
                 req.cached_tokens = len(req.blocks) * cache.block_size
         C = max(r.cached_tokens for r in admitted)
@@ -523,6 +524,8 @@ class Engine:
         """A finished sample's prompt + completion blocks (a multi-turn follow-up starts with them). The
         last sampled token was never fed, so its K/V do not exist: blocks cover the tokens before it."""
         fed, bs = req.tokens[k][:-1], self.prefix_cache.block_size
+        if self.prefix_cache.check_weights() != req.cache_epoch:
+            return  # the weights changed while it ran: its K/V are not those of the current model
         if (len(req.prompt) + len(fed)) // bs > len(req.prompt) // bs:
             self.prefix_cache.insert(req.prompt + fed, self._fast.prompt_kv(row, len(fed)))
 

@@ -134,11 +134,13 @@ class PrefixCache:
         self._epoch += 1
         self._fingerprint = self._weights_fingerprint()
 
-    def check_weights(self) -> None:
-        """Clear the cache if any parameter changed since the blocks were computed."""
+    def check_weights(self) -> int:
+        """Clear the cache if any parameter changed since the blocks were computed; -> the epoch (it
+        changes with every clear: K/V computed in an older epoch must not be stored)."""
         now = self._weights_fingerprint()
         if now != self._fingerprint:
             self.clear()
+        return self._epoch
 
     def _weights_fingerprint(self) -> tuple:
         # _version counts in-place writes (optimizer steps, load_state_dict); data_ptr catches a swap

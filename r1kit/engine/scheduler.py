@@ -33,6 +33,7 @@ class Request:
     live: int = 0  # samples still generating
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     blocks: list = field(default_factory=list)  # prefix-cache blocks this request holds a reference on
+    cache_epoch: int = -1  # the prefix cache's epoch (weights version) when it was prefilled
     finish: list = field(default_factory=list)  # per sample: None while running, then a FINISH_REASON
     tokens: list = field(default_factory=list)  # per sample: generated ids (kept when completions are cached)
     aborted: bool = False

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from r1kit.config import RunConfig, save_config
 from r1kit.corpus import build_corpus
 from r1kit.io import atomic_dir, atomic_write_json
-from r1kit.model import build_tiny_model, load_model, save_model, train_tokenizer
+from r1kit.model import build_tiny_model, save_model, train_tokenizer
+from r1kit.policy import Policy
 from r1kit.tasks import make_task
 from r1kit.types import R1KitError
 
@@ -88,8 +89,10 @@ def pretrain_base(cfg: RunConfig, out: Path, task, *, model_cfg=None, steps: int
         k = len(attempts)
         docs = docs if k == 0 else corpus(k)
         torch.manual_seed(init + ATTEMPT_STRIDE * k)
-        model = build_tiny_model(model_cfg or cfg.model, tokenizer)
-        log = pretrain(model, tokenizer, docs, replace(p, max_steps=p.steps) if restart else p,
+        policy = Policy(build_tiny_model(model_cfg or cfg.model, tokenizer), tokenizer, device=cfg.model.device,
+                        mixed_precision=cfg.model.mixed_precision, gradient_checkpointing=cfg.model.gradient_checkpointing)
+        model = policy.module
+        log = pretrain(policy, docs, replace(p, max_steps=p.steps) if restart else p,
                        cfg.seed + ATTEMPT_STRIDE * k, show_progress=show_progress, check=check)
         losses = [r for r in log if "loss" in r]
         gate = [dict(r, attempt=k) for r in log if "gate_pass1" in r]
@@ -108,6 +111,8 @@ def pretrain_base(cfg: RunConfig, out: Path, task, *, model_cfg=None, steps: int
                    file=sys.stderr)
     kept, state = best
     model.load_state_dict(state)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_disable()  # a training setting, not part of the saved model
     info = {"seconds": time.time() - t0, "params": sum(x.numel() for x in model.parameters()),
             "docs": len(docs), "styles": kept["styles"], "steps": kept["steps"], "total_steps": used,
             "final_loss": kept["final_loss"], "log": kept["log"]}
@@ -127,17 +132,16 @@ def pretrain_base(cfg: RunConfig, out: Path, task, *, model_cfg=None, steps: int
 
 
 def readiness_check(cfg: RunConfig, tokenizer, task):
-    """Stage 0's gate: pass@1 of the model on fresh training problems (never held-out ones), sampled as
+    """Stage 0's gate: pass@1 of the policy on fresh training problems (never held-out ones), sampled as
     GRPO will sample them (template, rollout temperature and top-p, max new tokens), 4 samples each."""
-    from r1kit.engine import Engine
     from r1kit.evaluation import evaluate_problems
 
     problems = task.train_problems(cfg.pretrain.gate_problems, random.Random(cfg.seed + 104729))
     g = cfg.grpo
 
-    def check(model) -> float:
-        model.eval()
-        engine = Engine(model, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id)
+    def check(policy: Policy) -> float:
+        policy.module.eval()
+        engine = policy.make_engine(backend=cfg.engine.backend)
         return evaluate_problems(engine, tokenizer, problems, k=4, temperature=g.temperature, top_p=g.top_p,
                                  max_new_tokens=g.max_new_tokens, template=cfg.task.template, seed=cfg.seed + 1,
                                  by=()).pass1
@@ -166,7 +170,6 @@ def heldout_evaluator(cfg: RunConfig, tokenizer, task):
 
 def run_zero(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     """The whole R1-Zero job; returns the summary written to runs/<name>/summary.json."""
-    from r1kit.engine import Engine
     from r1kit.trainers.grpo import GRPOTrainer
 
     run_dir = cfg.run_dir
@@ -176,12 +179,10 @@ def run_zero(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     base = ensure_base_model(cfg, cfg.log.progress)
     t_base = time.time() - t0
     setup_torch(cfg)
-    model, tokenizer = load_model(base, cfg.model.dtype)
-    ref = load_model(base, cfg.model.dtype)[0].eval() if cfg.grpo.beta > 0 else None
+    policy = Policy.from_config(cfg, base)  # built once: the trainer, its engine and the evaluations share it
+    tokenizer = policy.tokenizer
     task = make_task(cfg.task.name, **cfg.task.options)
     evaluate = heldout_evaluator(cfg, tokenizer, task)
-    base_eval = evaluate(Engine(model, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id),
-                         0, run_dir / "eval_base")
     results: dict[int, dict[str, float]] = {}
 
     def evaluate_during_rl(engine, step: int) -> dict[str, float]:
@@ -189,13 +190,14 @@ def run_zero(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
         results[step] = evaluate(engine, step, run_dir / "eval_final" if step == cfg.grpo.steps else None)
         return results[step]
 
-    trainer = GRPOTrainer(cfg, model, tokenizer, task, run_dir, ref_model=ref, evaluate=evaluate_during_rl)
+    trainer = GRPOTrainer(cfg, policy, task, run_dir, evaluate=evaluate_during_rl)
+    base_eval = evaluate(trainer.engine, 0, run_dir / "eval_base")  # before any resume: the base weights
     t1 = time.time()
     trainer.train(resume=resume, initial_metrics={f"eval/{k}": v for k, v in base_eval.items()})
     t_rl = time.time() - t1
     final_eval = results.get(trainer.step_idx) or evaluate(trainer.engine, trainer.step_idx, run_dir / "eval_final")
     with atomic_dir(run_dir / "final") as tmp:
-        save_model(model, tokenizer, tmp)
+        policy.save(tmp)  # the adapter only with LoRA (r1kit export --merge makes a full folder)
     stage0 = json.loads((base / "pretrain.json").read_text()) if (base / "pretrain.json").exists() else {}
     summary = {"name": cfg.name, "seed": cfg.seed, "base_model": str(base), "base": base_eval, "final": final_eval,
                "pretrain": {k: stage0[k] for k in ("steps", "total_steps", "params", "gate") if k in stage0},

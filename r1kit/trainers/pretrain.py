@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from r1kit.config import PretrainConfig
 from r1kit.corpus import CorpusDoc
+from r1kit.policy import Policy
 from r1kit.progress import progress_bar
 from r1kit.types import R1KitError
 
@@ -84,6 +85,8 @@ def batch_loss(model, batch: list[list[int]], pad: int, per: float | None = None
     for i, seq in enumerate(batch):
         ids[i, : len(seq)] = torch.tensor(seq)
         mask[i, : len(seq)] = 1
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [B, T, V]
     targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)  # [B, T-1]
     total = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
@@ -106,11 +109,12 @@ def validate(cfg: PretrainConfig) -> None:
             raise R1KitError(f"pretrain.{name} = {getattr(cfg, name)!r}: expected {expected}")
 
 
-def pretrain(model, tokenizer, docs: list[CorpusDoc], cfg: PretrainConfig, seed: int,
-             show_progress: bool = True, check: Callable[[object], float] | None = None) -> list[dict]:
-    """Train `model` in place; returns one metrics record per 50 steps plus one per readiness check
-    ({"step", "gate_pass1", "passed"}). `check` (model -> pass@1) is called when cfg.gate_pass1 > 0."""
+def pretrain(policy: Policy, docs: list[CorpusDoc], cfg: PretrainConfig, seed: int,
+             show_progress: bool = True, check: Callable[[Policy], float] | None = None) -> list[dict]:
+    """Train the policy's model in place; returns one metrics record per 50 steps plus one per readiness check
+    ({"step", "gate_pass1", "passed"}). `check` (policy -> pass@1) is called when cfg.gate_pass1 > 0."""
     validate(cfg)
+    model, tokenizer = policy.model, policy.tokenizer
     gated = cfg.gate_pass1 > 0
     if gated and check is None:
         raise R1KitError("pretrain.gate_pass1 > 0 needs a readiness check (the caller passes `check`)")
@@ -124,7 +128,7 @@ def pretrain(model, tokenizer, docs: list[CorpusDoc], cfg: PretrainConfig, seed:
     rng = random.Random(seed)
     draws = batches(encoded, cfg.batch_size, cfg.bucket_pool, rng)
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    opt = policy.make_optimizer(cfg.lr, cfg.weight_decay, betas=(0.9, 0.95))
     model.train()
     pad = tokenizer.pad_token_id
     sched = Schedule(cfg)
@@ -135,7 +139,7 @@ def pretrain(model, tokenizer, docs: list[CorpusDoc], cfg: PretrainConfig, seed:
         if step == sched.total:  # the end of a cycle
             if not gated:
                 break
-            score = check(model)
+            score = check(policy)
             model.train()
             passed = score >= cfg.gate_pass1
             log.append({"step": step, "gate_pass1": score, "passed": passed, "time": time.time() - t0})
@@ -149,12 +153,13 @@ def pretrain(model, tokenizer, docs: list[CorpusDoc], cfg: PretrainConfig, seed:
             bar.total = sched.total
             bar.refresh()
         batch = next(draws)
-        objective, loss = batch_loss(model, batch, pad, expected_tokens if cfg.bucket_pool > 1 else None)
+        with policy.autocast():
+            objective, loss = batch_loss(model, batch, pad, expected_tokens if cfg.bucket_pool > 1 else None)
         for g in opt.param_groups:
             g["lr"] = sched.lr(step)
         opt.zero_grad(set_to_none=True)
         objective.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        policy.clip_grad_norm(1.0)
         opt.step()
         if step % 50 == 0 or step == sched.total - 1:
             log.append({"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"], "time": time.time() - t0})
