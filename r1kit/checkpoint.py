@@ -1,6 +1,7 @@
 """Checkpoints: an HF model folder plus optimizer, RNG and step state, written atomically.
 
-Layout: <run>/checkpoints/step-000050/{model/, trainer_state.pt, config.yaml}. A checkpoint folder is
+Layout: <run>/checkpoints/step-000050/{model/, trainer_state.pt, config.yaml}; model/ is an HF folder, or
+only the LoRA adapter (adapter_model.safetensors + adapter_config.json) for a LoRA run. A checkpoint folder is
 built under a temporary name and renamed into place, so a crash never leaves half of one; the
 newest complete one is what `--resume` picks up.
 """
@@ -14,25 +15,31 @@ from typing import Any
 import torch
 
 from r1kit.io import atomic_dir
-from r1kit.model import save_model
 from r1kit.types import R1KitError
 
 
 def rng_state(py_rng: random.Random, generator: torch.Generator) -> dict[str, Any]:
-    return {"python": py_rng.getstate(), "torch": torch.get_rng_state(), "sampler": generator.get_state()}
+    state = {"python": py_rng.getstate(), "torch": torch.get_rng_state(), "sampler": generator.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def restore_rng(state: dict[str, Any], py_rng: random.Random, generator: torch.Generator) -> None:
     py_rng.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     generator.set_state(state["sampler"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, tokenizer, trainer_state: dict[str, Any],
-                    config_yaml: str, keep: int = 2) -> Path:
+def save_checkpoint(ckpt_root: Path, step: int, policy, trainer_state: dict[str, Any],
+                    config_yaml: str, keep: int = 2, state_dict: dict[str, Any] | None = None) -> Path:
+    """Write <ckpt_root>/step-N/{model/, trainer_state.pt, config.yaml} atomically; `policy.save` decides
+    what model/ holds (the full HF folder, or the adapter only with LoRA). Keeps the newest `keep`."""
     path = Path(ckpt_root) / f"step-{step:06d}"
     with atomic_dir(path) as tmp:
-        save_model(model, tokenizer, tmp / "model")
+        policy.save(tmp / "model", state_dict=state_dict)  # state_dict: full weights gathered from FSDP2 shards
         torch.save(trainer_state, tmp / "trainer_state.pt")
         (tmp / "config.yaml").write_text(config_yaml)
     for old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:

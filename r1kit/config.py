@@ -32,7 +32,22 @@ class ModelConfig:
     intermediate_size: int = 384
     max_position_embeddings: int = 256
     vocab_size: int = 384  # target size of the locally trained BPE tokenizer
-    dtype: str = "float32"  # float32 | bfloat16
+    dtype: str = "float32"  # float32 | bfloat16 (the weights' storage type)
+    device: str = "auto"  # auto (CUDA when present, else CPU) | cpu | cuda | cuda:N  (r1kit.policy)
+    mixed_precision: str = "no"  # no | bf16: bf16 autocast in training forwards, fp32 master weights
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters through peft (the `lora` extra) for SFT, GRPO and the reward model; r = 0 is off.
+    The reference model is then the same network with its adapters disabled, and checkpoints hold the
+    adapter only (`r1kit export --merge` writes a merged HF folder)."""
+
+    r: int = 0  # adapter rank; 0 = full fine-tuning
+    alpha: float = 16.0  # scaling alpha / r
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # module names, or ["all-linear"]
 
 
 @dataclass
@@ -294,6 +309,7 @@ class RunConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -75,10 +75,17 @@ def build_tiny_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> to
     raise R1KitError(f"model.arch: unknown tiny architecture {cfg.arch!r}; expected 'llama' or 'qwen2'")
 
 
-def save_model(model: torch.nn.Module, tokenizer, path: Path) -> None:
-    """Write an HF folder (weights as safetensors, config, tokenizer) into `path` (caller makes it atomic)."""
+def save_model(model: torch.nn.Module, tokenizer, path: Path, state_dict: dict | None = None) -> None:
+    """Write an HF folder (weights as safetensors, config, tokenizer) into `path` (caller makes it atomic);
+    `state_dict` replaces the module's own (full weights of a sharded module)."""
     path = Path(path)
-    model.save_pretrained(path, safe_serialization=True)
+    model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
+    save_tokenizer(tokenizer, path)
+
+
+def save_tokenizer(tokenizer, path: Path) -> None:
+    """The tokenizer files of an HF folder; our own fast tokenizers are marked so `load_tokenizer` keeps them."""
+    path = Path(path)
     tokenizer.save_pretrained(path)
     tc = path / "tokenizer_config.json"
     if tc.exists() and isinstance(tokenizer, PreTrainedTokenizerFast) and type(tokenizer) is PreTrainedTokenizerFast:
@@ -90,36 +97,133 @@ def save_model(model: torch.nn.Module, tokenizer, path: Path) -> None:
 def load_tokenizer(path: str | Path):
     path = Path(path)
     tc = path / "tokenizer_config.json"
-    if tc.exists() and json.loads(tc.read_text()).get("tokenizer_class") == "PreTrainedTokenizerFast":
-        tok = PreTrainedTokenizerFast.from_pretrained(str(path))
-    else:
-        tok = AutoTokenizer.from_pretrained(str(path))
+    try:
+        if tc.exists() and json.loads(tc.read_text()).get("tokenizer_class") == "PreTrainedTokenizerFast":
+            tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+        else:
+            tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise R1KitError(f"model path {str(path)!r}: cannot load its tokenizer ({e})") from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
+def weight_files(folder: Path, name: str | None = None) -> list[Path]:
+    """The safetensors files holding a folder's weights: `name` (e.g. adapter_model.safetensors), or
+    model.safetensors, or the shards a model.safetensors.index.json lists. R1KitError naming what is missing."""
+    folder = Path(folder)
+    if name is not None or (folder / "model.safetensors").exists():
+        f = folder / (name or "model.safetensors")
+        if not f.exists():
+            raise R1KitError(f"model path {str(folder)!r} has no {f.name}")
+        return [f]
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise R1KitError(f"model path {str(folder)!r}: {index.name} is not a safetensors index ({e})") from e
+        absent = [s for s in shards if not (folder / s).exists()]
+        if absent:
+            raise R1KitError(f"model path {str(folder)!r}: {index.name} lists shards that are missing: {absent[:4]}")
+        return [folder / s for s in shards]
+    raise R1KitError(f"model path {str(folder)!r} has no weights (model.safetensors or a sharded index)")
+
+
+def check_weight_files(folder: Path, name: str | None = None) -> None:
+    """Open every weight file's header, so a truncated or corrupt file is an R1KitError naming it (instead of
+    a raw SafetensorError deep inside transformers). Folders with only .bin weights are left to transformers."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    if name is None and not any(folder.glob("*.safetensors")) and not (folder / "model.safetensors.index.json").exists():
+        return
+    for f in weight_files(folder, name):
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                h.keys()
+        except Exception as e:  # SafetensorError and friends: the file is damaged
+            raise R1KitError(f"model weights {str(f)!r} cannot be read ({e}): the file is truncated or corrupt; "
+                             "save or copy the model again") from e
+
+
+def read_weights(folder: Path, name: str | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a folder's safetensors weights (single file or shards), checked first."""
+    from safetensors.torch import load_file
+
+    check_weight_files(folder, name)
+    weights: dict[str, torch.Tensor] = {}
+    for f in weight_files(folder, name):
+        weights.update(load_file(str(f)))
+    return weights
+
+
 def load_model(path: str | Path, dtype: str = "float32"):
-    """Load (model, tokenizer) from a local HF causal-LM folder (or a hub name when online)."""
+    """Load (model, tokenizer) from a local HF causal-LM folder, a LoRA adapter folder (merged into its base),
+    or a hub name when online. The one loading path: every bad folder is an R1KitError naming it."""
     p = Path(path)
     where = str(p) if p.exists() else str(path)
     if p.exists() and not (p / "config.json").exists():
+        if (p / "adapter_config.json").exists():
+            return _load_adapter_folder(p, dtype)
         raise R1KitError(f"model path {where!r} has no config.json: not a Hugging Face model folder")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise R1KitError(f"model.dtype={dtype!r}; expected float32, bfloat16 or float16")
     try:
         config = AutoConfig.from_pretrained(where)
     except (OSError, ValueError) as e:
         raise R1KitError(f"model path {where!r}: cannot read a model config ({e})") from e
+    if p.exists():
+        check_weight_files(p)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype), output_loading_info=True)
     except ValueError as e:
         raise R1KitError(f"model path {where!r} ({config.model_type}) is not a causal LM: {e}") from e
-    except OSError as e:
-        raise R1KitError(f"model path {where!r}: cannot load weights ({e})") from e
+    except Exception as e:  # OSError, SafetensorError, a damaged .bin: name the folder, not a traceback
+        raise R1KitError(f"model path {where!r}: cannot load weights ({type(e).__name__}: {e})") from e
     missing = [k for k in info.get("missing_keys", []) if not (k.startswith("lm_head") and model.config.tie_word_embeddings)]
     if missing:
         raise R1KitError(f"model path {where!r} ({config.model_type}) lacks causal-LM weights {sorted(missing)[:4]}: "
                          "it is not a causal LM checkpoint")
+    if p.exists():
+        model.name_or_path = str(p.resolve())  # a LoRA adapter saved from it names this base folder
     return model, load_tokenizer(where)
+
+
+def load_classifier(path: str | Path, dtype: str = "float32", num_labels: int | None = None):
+    """A `...ForSequenceClassification` from a local HF folder: a trained classifier, or (with num_labels) a
+    causal LM's backbone under a fresh score head. The reward models' half of the one loading path."""
+    from transformers import AutoModelForSequenceClassification
+
+    p = Path(path)
+    if not (p / "config.json").exists():
+        raise R1KitError(f"model path {str(p)!r} is not a Hugging Face model folder (no config.json)")
+    check_weight_files(p)
+    kwargs = {} if num_labels is None else {"num_labels": num_labels}
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(str(p), dtype=getattr(torch, dtype), **kwargs)
+    except (ValueError, OSError) as e:
+        raise R1KitError(f"model path {str(p)!r} cannot become a sequence classifier: {e}") from e
+
+
+def _load_adapter_folder(folder: Path, dtype: str):
+    """A LoRA adapter folder (an r1kit checkpoint of a LoRA run): its base model with the adapter merged in."""
+    try:
+        base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise R1KitError(f"adapter folder {str(folder)!r}: adapter_config.json names no base model ({e})") from e
+    if not base:
+        raise R1KitError(f"adapter folder {str(folder)!r}: adapter_config.json names no base model")
+    try:
+        from peft import PeftModel
+    except ImportError as e:
+        raise R1KitError(f"{str(folder)!r} is a LoRA adapter; loading it needs peft: pip install 'r1kit[lora]'") from e
+    model, tokenizer = load_model(base, dtype)
+    check_weight_files(folder, "adapter_model.safetensors")
+    merged = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    has_tokenizer = (folder / "tokenizer_config.json").exists()
+    return merged, load_tokenizer(folder) if has_tokenizer else tokenizer
 
 
 def token_logprobs(

@@ -8,6 +8,7 @@ import torch
 
 from r1kit.algorithms import compute_advantages, high_entropy_mask, kl_reward_penalty, overlong_penalty
 from r1kit.config import GRPOConfig, RunConfig, from_dict, load_config, to_dict
+from r1kit.policy import Policy
 from r1kit.rewards import REWARD_FUNCS, register_reward
 from r1kit.rewards.functions import RewardScores
 from r1kit.rewards.shaping import overlong_reward, with_completion_lengths
@@ -55,7 +56,7 @@ def _cfg(tmp_path, *overrides):
 def _trainer(tmp_path, pair, *overrides, ref_model=None):
     model, tok = pair
     cfg = _cfg(tmp_path, *overrides)
-    return GRPOTrainer(cfg, copy.deepcopy(model), tok, _task(), cfg.run_dir, ref_model=ref_model)
+    return GRPOTrainer(cfg, Policy(copy.deepcopy(model), tok), _task(), cfg.run_dir, ref_model=ref_model)
 
 
 def _perturbed(model, scale=0.05, seed=1):

@@ -64,7 +64,7 @@ def pipeline_cfg(root: Path, base: Path) -> RunConfig:
                    distill=replace(cfg.distill, teacher=str(root / "micro" / "reason_rl" / "model")))
 
 
-VOLATILE = {"seconds", "seconds_this_run", "budget_s", "finished", "resumed_from", "path", "given", "teacher",
+VOLATILE = {"peak_memory_mb", "seconds", "seconds_this_run", "budget_s", "finished", "resumed_from", "path", "given", "teacher",
             "source_model", "explicit_inputs", "init"}
 
 

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from r1kit.config import PretrainConfig, RunConfig, load_config
 from r1kit.corpus import build_corpus
+from r1kit.policy import Policy
 from r1kit.recipes.zero import ensure_base_model
 from r1kit.tasks import make_task
 from r1kit.trainers.pretrain import Schedule, batch_loss, batches, lr_at, pretrain
@@ -49,11 +50,11 @@ def test_pretrain_trains_another_cycle_until_the_check_passes():
     seen = []
 
     def check(m):
-        seen.append(m.training)
+        seen.append(m.module.training)
         return next(scores)
 
     cfg = PretrainConfig(steps=8, batch_size=4, warmup_steps=2, gate_pass1=0.5, extend_steps=4, max_steps=100)
-    log = pretrain(model, tok, _docs(), cfg, seed=0, show_progress=False, check=check)
+    log = pretrain(Policy(model, tok), _docs(), cfg, seed=0, show_progress=False, check=check)
     gates = [(r["step"], r["gate_pass1"], r["passed"]) for r in log if "gate_pass1" in r]
     assert gates == [(8, 0.1, False), (12, 0.2, False), (16, 0.9, True)]
     assert max(r["step"] for r in log if "loss" in r) == 15
@@ -64,7 +65,7 @@ def test_pretrain_trains_another_cycle_until_the_check_passes():
 def test_pretrain_that_never_passes_stops_at_the_cap():
     model, tok = tiny_pair()
     cfg = PretrainConfig(steps=6, batch_size=4, warmup_steps=2, gate_pass1=0.5, extend_steps=4, max_steps=15)
-    log = pretrain(model, tok, _docs(), cfg, seed=0, show_progress=False, check=lambda m: 0.0)
+    log = pretrain(Policy(model, tok), _docs(), cfg, seed=0, show_progress=False, check=lambda m: 0.0)
     assert [r["step"] for r in log if "gate_pass1" in r] == [6, 10, 14]  # a fourth cycle would end at 18 > 15
     assert max(r["step"] for r in log if "loss" in r) == 13
 
@@ -75,7 +76,7 @@ def test_without_the_gate_the_model_is_never_checked():
     def check(m):
         raise AssertionError("called")
 
-    log = pretrain(model, tok, _docs(), PretrainConfig(steps=5, batch_size=4, warmup_steps=2), seed=0,
+    log = pretrain(Policy(model, tok), _docs(), PretrainConfig(steps=5, batch_size=4, warmup_steps=2), seed=0,
                    show_progress=False, check=check)
     assert max(r["step"] for r in log) == 4 and not any("gate_pass1" in r for r in log)
 
@@ -91,13 +92,13 @@ def test_bad_pretrain_settings_name_the_field(field, value, words):
     model, tok = tiny_pair()
     cfg = PretrainConfig(**{"steps": 5, "batch_size": 4, field: value})
     with pytest.raises(R1KitError, match=words):
-        pretrain(model, tok, _docs(), cfg, seed=0, show_progress=False, check=lambda m: 1.0)
+        pretrain(Policy(model, tok), _docs(), cfg, seed=0, show_progress=False, check=lambda m: 1.0)
 
 
 def test_gate_without_a_check_is_an_error():
     model, tok = tiny_pair()
     with pytest.raises(R1KitError, match="readiness check"):
-        pretrain(model, tok, _docs(), PretrainConfig(steps=5, batch_size=4, gate_pass1=0.5), seed=0, show_progress=False)
+        pretrain(Policy(model, tok), _docs(), PretrainConfig(steps=5, batch_size=4, gate_pass1=0.5), seed=0, show_progress=False)
 
 
 def test_stage0_with_the_gate_records_every_check(tmp_path):

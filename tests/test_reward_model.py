@@ -10,6 +10,7 @@ import torch
 
 from r1kit.config import ModelConfig, RewardModelConfig
 from r1kit.model import save_model
+from r1kit.policy import Policy
 from r1kit.rewards import REWARD_FUNCS, score_completions
 from r1kit.rewards.reward_model import RewardModelScorer, register_reward_model
 from r1kit.trainers.reward_model import (
@@ -47,7 +48,7 @@ def test_training_lowers_loss_and_checkpoint_scores_as_reward(tmp_path, tok):
     model = build_reward_model(None, tok, TINY)
     pairs = _pairs(48)
     before = evaluate_pairs(model, tok, pairs)
-    summary = train_reward_model(model, tok, pairs, RewardModelConfig(epochs=4, batch_size=8, lr=3e-3, warmup_steps=2,
+    summary = train_reward_model(Policy(model, tok, task_type="SEQ_CLS"), pairs, RewardModelConfig(epochs=4, batch_size=8, lr=3e-3, warmup_steps=2,
                                                                        val_frac=0.25), tmp_path, seed=0)
     after = evaluate_pairs(model, tok, pairs)
     assert after["loss"] < before["loss"] - 0.1

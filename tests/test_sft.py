@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from r1kit.config import SFTConfig
+from r1kit.policy import Policy
 from r1kit.trainers import sft as sft_mod
 from r1kit.trainers.sft import (
     collate, completion_loss_sum, encode_record, load_sft_data, pack_examples, sft_step, train_sft,
@@ -84,7 +85,7 @@ def test_accumulation_invariance(pair):
     for micro in ([collate(rows, tok.pad_token_id)], [collate([r], tok.pad_token_id) for r in rows]):
         model.load_state_dict(state)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        sft_step(model, opt, micro, SFTConfig(grad_clip=1e9), 0.1)
+        sft_step(Policy(model, tok), opt, micro, SFTConfig(grad_clip=1e9), 0.1)
         results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     model.load_state_dict(state)
     assert torch.allclose(results[0], results[1], atol=1e-6)
@@ -131,7 +132,7 @@ def test_training_lowers_loss_and_resume_matches(tmp_path, pair, monkeypatch):
         return tiny_pair(seed=3)[0]
 
     full_model = fresh()
-    full = train_sft(full_model, tok, examples, cfg, tmp_path / "full", seed=5)
+    full = train_sft(Policy(full_model, tok), examples, cfg, tmp_path / "full", seed=5)
     assert full["last_loss"] < full["first_loss"]
     assert (tmp_path / "full" / "model" / "config.json").exists()
 
@@ -145,10 +146,10 @@ def test_training_lowers_loss_and_resume_matches(tmp_path, pair, monkeypatch):
 
     monkeypatch.setattr(sft_mod, "sft_step", crashing_step)
     with pytest.raises(KeyboardInterrupt):
-        train_sft(fresh(), tok, examples, cfg, tmp_path / "cut", seed=5)
+        train_sft(Policy(fresh(), tok), examples, cfg, tmp_path / "cut", seed=5)
     monkeypatch.setattr(sft_mod, "sft_step", real_step)
     resumed_model = fresh()
-    resumed = train_sft(resumed_model, tok, examples, cfg, tmp_path / "cut", seed=5)
+    resumed = train_sft(Policy(resumed_model, tok), examples, cfg, tmp_path / "cut", seed=5)
     assert resumed["resumed_from"] > 0
     for a, b in zip(full_model.state_dict().values(), resumed_model.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6)

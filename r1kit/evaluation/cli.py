@@ -91,13 +91,11 @@ def load_problems(args: argparse.Namespace) -> tuple[list, str]:
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
-    """Tokens that end a completion: the tokenizer's EOS and any the model's generation config adds."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(extra if isinstance(extra, (list, tuple)) else [extra] if extra is not None else [])
-    if not ids:
-        raise R1KitError("the model's tokenizer has no EOS token: completions could never end")
-    return sorted(ids)
+    """Tokens that end a completion: the tokenizer's EOS and any the model's generation config adds
+    (r1kit.policy.Policy.eos_token_ids, which every verb uses)."""
+    from r1kit.policy import Policy
+
+    return Policy.eos_ids_of(model, tokenizer)
 
 
 def _print_summary(summary, name: str, seconds: float) -> None:
@@ -121,22 +119,16 @@ def _model_name(path: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from r1kit.engine import Engine
     from r1kit.evaluation.runner import evaluate_problems
-    from r1kit.model import load_model
+    from r1kit.policy import Policy, resolve_device
 
     problems, name = load_problems(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        torch.empty(0, device=device)  # a bad or absent device fails here, with its name, before loading
-    except (RuntimeError, AssertionError) as e:
-        raise R1KitError(f"--device {device!r} is not usable here: {e}") from None
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
-    model.to(device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    engine = Engine(model, eos_token_ids=eos_token_ids(model, tokenizer), pad_token_id=pad)
+        device = resolve_device(args.device or "auto")  # a bad or absent device fails here, before loading
+    except R1KitError as e:
+        raise R1KitError(f"--device: {e}") from None
+    policy = Policy.load(args.model, device=device, dtype=args.dtype)
+    tokenizer, engine = policy.tokenizer, policy.make_engine()
     start = time.perf_counter()
     summary = evaluate_problems(
         engine, tokenizer, problems, k=args.k, temperature=args.temperature, top_p=args.top_p,

@@ -327,15 +327,14 @@ def evaluate_model(ctx: StageContext, model_dir: Path) -> dict[str, float]:
     """Held-out evaluation of a stage's model: pass@1 over k samples, cons@k, format, language mixing,
     length on the reasoning task (and pass@1 on held-out general prompts). Same seed for every stage,
     so stages are compared on the same problems and sampler streams."""
-    from r1kit.engine import Engine
     from r1kit.evaluation import evaluate_problems
-    from r1kit.model import load_model
+    from r1kit.policy import Policy
     from r1kit.recipes.sampling import GeneralTask
     from r1kit.rewards.language import language_consistency, mixing_rate, off_target_rate
 
     cfg, e, lang = ctx.cfg, ctx.cfg.eval, ctx.cfg.pipeline.lang
-    model, tok = load_model(model_dir, cfg.model.dtype)
-    engine = Engine(model, eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
+    policy = Policy.from_config(cfg, model_dir, lora=False)  # a LoRA stage's adapter folder loads merged
+    tok, engine = policy.tokenizer, policy.make_engine(backend=cfg.engine.backend)
     common = dict(k=e.k, temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens,
                   template=cfg.task.template, seed=cfg.seed + 7919)
     problems = reasoning_task(cfg).test_problems()[: e.num_problems]
@@ -366,15 +365,15 @@ def pretrain_stage_model(ctx: StageContext, model_cfg, out: Path, *, steps: int,
 
 def sft_stage(ctx: StageContext, init: Path, data: Path) -> dict[str, Any]:
     """SFT of the model at `init` on `data` into ctx.dir/model (resumes from its checkpoints), then evaluate."""
-    from r1kit.model import load_model
+    from r1kit.policy import Policy
     from r1kit.trainers.sft import load_sft_data, train_sft
 
     cfg = ctx.cfg
     if not (ctx.dir / "sft.json").exists():
-        model, tok = load_model(init, cfg.model.dtype)
-        examples, stats = load_sft_data(data, tok, cfg.sft.seq_len)
+        policy = Policy.from_config(cfg, init)
+        examples, stats = load_sft_data(data, policy.tokenizer, cfg.sft.seq_len)
         atomic_write_json(ctx.dir / "data_stats.json", stats)
-        train_sft(model, tok, examples, cfg.sft, ctx.dir, seed=ctx.seed, resume=True,
+        train_sft(policy, examples, cfg.sft, ctx.dir, seed=ctx.seed, resume=True,
                   config_yaml=yaml.safe_dump(to_dict(cfg), sort_keys=False), show_progress=cfg.log.progress)
     summary = json.loads((ctx.dir / "sft.json").read_text())
     return {"model": ctx.rel(ctx.dir / "model"), "init": ctx.rel(init), "data": ctx.rel(data),
@@ -387,22 +386,21 @@ def rl_stage(ctx: StageContext, init: Path, task, weights: dict[str, float], *, 
     """GRPO from `init` with `weights` into ctx.dir (checkpoints, metrics, model/), then evaluate.
     With `budget_s`, trains until that many seconds of RL steps (at most `max_steps`) instead of grpo.steps."""
     from r1kit.io import read_jsonl
-    from r1kit.model import load_model, save_model
+    from r1kit.policy import Policy
     from r1kit.trainers.grpo import GRPOTrainer
 
     cfg = ctx.cfg
     rcfg = replace(cfg, grpo=replace(cfg.grpo, reward_weights=dict(weights), steps=max_steps or cfg.grpo.steps))
     if not (ctx.dir / "rl.json").exists():
-        model, tok = load_model(init, cfg.model.dtype)
-        ref = load_model(init, cfg.model.dtype)[0].eval() if cfg.grpo.beta > 0 else None
-        trainer = GRPOTrainer(rcfg, model, tok, task, ctx.dir, ref_model=ref)
+        policy = Policy.from_config(cfg, init)
+        trainer = GRPOTrainer(rcfg, policy, task, ctx.dir)
         t0 = time.time()
         if budget_s is None:
             trainer.train(resume=True)
         else:
             train_for_budget(trainer, budget_s, ctx.dir / "budget.json")
         with atomic_dir(ctx.dir / "model") as tmp:
-            save_model(model, tok, tmp)
+            policy.save(tmp)
         last = [r for r in read_jsonl(ctx.dir / "metrics.jsonl") if "reward" in r][-5:]
         means = {k: sum(r[k] for r in last) / len(last) for k in last[-1] if k.startswith("reward")} if last else {}
         atomic_write_json(ctx.dir / "rl.json", {"steps": trainer.step_idx, "reward_weights": weights, "budget_s": budget_s,
@@ -542,6 +540,7 @@ def stage_sft(ctx: StageContext) -> dict[str, Any]:
 def stage_rm(ctx: StageContext) -> dict[str, Any]:
     """Stage 4a: a Bradley-Terry reward model for general prompts, from the base model's backbone."""
     from r1kit.model import load_tokenizer
+    from r1kit.policy import Policy
     from r1kit.recipes.sampling import GeneralTask, preference_records
     from r1kit.trainers.reward_model import build_reward_model, read_preference_pairs, train_reward_model
 
@@ -558,7 +557,9 @@ def stage_rm(ctx: StageContext) -> dict[str, Any]:
     if not (ctx.dir / "rm.json").exists():
         init = ctx.model("base")
         tok = load_tokenizer(init)
-        train_reward_model(build_reward_model(init, tok), tok, read_preference_pairs(data), cfg.rm, ctx.dir, seed=ctx.seed)
+        policy = Policy(build_reward_model(init, tok), tok, device=cfg.model.device, lora=cfg.lora, task_type="SEQ_CLS",
+                        mixed_precision=cfg.model.mixed_precision)
+        train_reward_model(policy, read_preference_pairs(data), cfg.rm, ctx.dir, seed=ctx.seed)
     return {"model": ctx.rel(ctx.dir / "model"), "data": ctx.rel(data), "rm": json.loads((ctx.dir / "rm.json").read_text())}
 
 

@@ -182,16 +182,15 @@ def sample_to_files(out_dir: Path, model_dir: Path, problems: list[Problem], gen
     out_dir/{data.jsonl, stats.md, stats.json}; returns the statistics. The stats file is written last, so
     it marks the data complete: a rerun reuses it. No kept completion at all is an R1KitError naming the
     rejection reasons (the stage cannot go on with empty data)."""
-    from r1kit.engine import Engine
     from r1kit.io import atomic_write_json, atomic_write_text
-    from r1kit.model import load_model
+    from r1kit.policy import Policy
 
     out_dir, stats_path = Path(out_dir), Path(out_dir) / "stats.json"
     if stats_path.exists():
         return json.loads(stats_path.read_text())
     t0 = time.time()
-    model, tok = load_model(model_dir, cfg.model.dtype)
-    engine = Engine(model, eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
+    policy = Policy.from_config(cfg, model_dir, lora=False)
+    tok, engine = policy.tokenizer, policy.make_engine(backend=cfg.engine.backend)
     records, stats = rejection_sample(engine, tok, problems, cfg.sample, lang=cfg.pipeline.lang,
                                       template=cfg.task.template, seed=seed, general=general)
     if stats["kept"] == 0:

@@ -34,10 +34,11 @@ class RewardModelScorer:
     """Scores (prompt, completion) pairs with a one-output `...ForSequenceClassification` checkpoint."""
 
     def __init__(self, path: str | Path, *, template: str = "r1_zero", batch_size: int = 32,
-                 normalize: str = "sigmoid", dtype: str = "float32"):
-        from transformers import AutoConfig, AutoModelForSequenceClassification
+                 normalize: str = "sigmoid", dtype: str = "float32", device: str = "auto"):
+        from transformers import AutoConfig
 
-        from r1kit.model import load_tokenizer
+        from r1kit.model import load_classifier, load_tokenizer
+        from r1kit.policy import resolve_device
 
         p = Path(path)
         if not (p / "config.json").exists():
@@ -51,7 +52,7 @@ class RewardModelScorer:
             raise R1KitError(f"reward model {str(p)!r} has num_labels={config.num_labels}; a reward model has exactly 1")
         if normalize not in NORMALIZERS:
             raise R1KitError(f"reward model normalize={normalize!r}; expected one of {sorted(NORMALIZERS)}")
-        self.model = AutoModelForSequenceClassification.from_pretrained(str(p), dtype=getattr(torch, dtype)).eval()
+        self.model = load_classifier(p, dtype).to(resolve_device(device)).eval()
         self.tokenizer = load_tokenizer(p)
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
@@ -61,8 +62,6 @@ class RewardModelScorer:
     @torch.no_grad()
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
         """One score per (prompt, completion), in order."""
-        from r1kit.trainers.reward_model import rewards_of
-
         if len(prompts) != len(completions):
             raise R1KitError(f"{len(prompts)} prompts but {len(completions)} completions: they must pair up")
         out: list[float] = []
@@ -76,6 +75,34 @@ class RewardModelScorer:
     def __call__(self, completions: Sequence[str], problems: Sequence[Problem]) -> list[float]:
         """The batch reward form: each completion scored against its problem's rendered prompt."""
         return self.score([render_prompt(p.question, self.template) for p in problems], completions)
+
+
+def encode_texts(tokenizer, prompts: list[str], completions: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """prompt ids + completion ids + EOS per row, right-padded; rows longer than `max_len` lose their
+    *start* (the score is read at the end). Returns input_ids, attention_mask: [N, T] long."""
+    rows = []
+    for p, c in zip(prompts, completions):
+        ids = tokenizer(p, add_special_tokens=False).input_ids + tokenizer(c, add_special_tokens=False).input_ids
+        rows.append((ids + [tokenizer.eos_token_id])[-max_len:])
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)  # [N, T]
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # [N, T]
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def rewards_of(model, tokenizer, prompts: list[str], completions: list[str]) -> torch.Tensor:
+    """Scalar reward r(x, y) per (prompt, completion): [N] float32 on the model's device (with gradients if
+    enabled). `model` is a one-output sequence classifier (or a wrapper of one)."""
+    config = getattr(model, "config", None) or model.module.config
+    ids, mask = encode_texts(tokenizer, prompts, completions, getattr(config, "max_position_embeddings", 2048))
+    device = next(model.parameters()).device
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits  # [N, 1]
+    if logits.shape[-1] != 1:
+        raise R1KitError(f"reward model has {logits.shape[-1]} outputs; a reward model has exactly one (num_labels=1)")
+    return logits[:, 0].float()
 
 
 def register_reward_model(path: str | Path, name: str = "reward_model", *, scenarios: Sequence[str] | None = None,

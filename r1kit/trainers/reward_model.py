@@ -2,7 +2,8 @@
 
     pairs = read_preference_pairs(Path("prefs.jsonl"))        # {"prompt", "chosen", "rejected"} a line
     model = build_reward_model("runs/r1-tiny/base/model", tokenizer)   # or None + a ModelConfig: tiny
-    summary = train_reward_model(model, tokenizer, pairs, cfg.rm, out_dir, seed=0)
+    policy = Policy(model, tokenizer, device="auto", lora=cfg.lora, task_type="SEQ_CLS")   # r1kit.policy
+    summary = train_reward_model(policy, pairs, cfg.rm, out_dir, seed=0)
 
 DeepSeek-R1 (section 2.3.4) scores general (non-reasoning) prompts with reward models trained on human
 preferences; the loss is the Bradley-Terry negative log-likelihood that the chosen answer wins,
@@ -11,7 +12,8 @@ The model is any Hugging Face `...ForSequenceClassification` with `num_labels=1`
 the last non-pad token (the model's own pooling), so `pad_token_id` must be set in its config. Building
 it from a causal LM's folder keeps that model's backbone and adds a fresh linear score head, the usual
 way reward models start. Each text is prompt + completion + EOS, tokenised like SFT data. The output
-folder `model/` is a plain HF folder: r1kit.rewards.reward_model loads it as a reward function.
+folder `model/` is a plain HF folder (with LoRA: the adapter merged in): r1kit.rewards.reward_model loads
+it as a reward function.
 """
 from __future__ import annotations
 
@@ -26,7 +28,9 @@ import torch.nn.functional as F
 
 from r1kit.config import ModelConfig, RewardModelConfig
 from r1kit.io import append_jsonl, atomic_dir, atomic_write_json
-from r1kit.model import save_model
+from r1kit.model import load_classifier
+from r1kit.policy import Policy
+from r1kit.rewards.reward_model import encode_texts, rewards_of  # noqa: F401  (encode_texts re-exported)
 from r1kit.trainers.sft import lr_at
 from r1kit.types import R1KitError
 
@@ -59,14 +63,10 @@ def build_reward_model(init: str | Path | None, tokenizer, model_cfg: ModelConfi
     """A one-output sequence classifier: from an HF folder (causal LM or classifier) or, with init None,
     a tiny Llama/Qwen2 classifier built from `model_cfg` (random weights)."""
     if init:
-        from transformers import AutoModelForSequenceClassification
-
-        if not (Path(init) / "config.json").exists():
-            raise R1KitError(f"reward model init {str(init)!r} is not a Hugging Face model folder (no config.json)")
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(str(init), num_labels=1)
-        except (ValueError, OSError) as e:
-            raise R1KitError(f"reward model init {str(init)!r} cannot become a sequence classifier: {e}") from e
+            model = load_classifier(init, num_labels=1)
+        except R1KitError as e:
+            raise R1KitError(f"reward model init: {e}") from e
     else:
         if model_cfg is None:
             raise ValueError("build_reward_model needs `init` or `model_cfg`")
@@ -89,32 +89,6 @@ def _tiny_classifier(cfg: ModelConfig, tokenizer) -> torch.nn.Module:
 
         return Qwen2ForSequenceClassification(Qwen2Config(**common))
     raise R1KitError(f"model.arch: unknown tiny architecture {cfg.arch!r}; expected 'llama' or 'qwen2'")
-
-
-def encode_texts(tokenizer, prompts: list[str], completions: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """prompt ids + completion ids + EOS per row, right-padded; rows longer than `max_len` lose their
-    *start* (the score is read at the end). Returns input_ids, attention_mask: [N, T] long."""
-    rows = []
-    for p, c in zip(prompts, completions):
-        ids = tokenizer(p, add_special_tokens=False).input_ids + tokenizer(c, add_special_tokens=False).input_ids
-        rows.append((ids + [tokenizer.eos_token_id])[-max_len:])
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)  # [N, T]
-    mask = torch.zeros((len(rows), width), dtype=torch.long)  # [N, T]
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    return ids, mask
-
-
-def rewards_of(model, tokenizer, prompts: list[str], completions: list[str]) -> torch.Tensor:
-    """Scalar reward r(x, y) per (prompt, completion): [N] float32 (with gradients if enabled)."""
-    max_len = getattr(model.config, "max_position_embeddings", 2048)
-    ids, mask = encode_texts(tokenizer, prompts, completions, max_len)
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [N, 1]
-    if logits.shape[-1] != 1:
-        raise R1KitError(f"reward model has {logits.shape[-1]} outputs; a reward model has exactly one (num_labels=1)")
-    return logits[:, 0].float()
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
@@ -151,12 +125,15 @@ def split_pairs(pairs: list[PreferencePair], val_frac: float, seed: int) -> tupl
     return order[n_val:], order[:n_val]
 
 
-def train_reward_model(model, tokenizer, pairs: list[PreferencePair], cfg: RewardModelConfig, out_dir: Path, *,
+def train_reward_model(policy: Policy, pairs: list[PreferencePair], cfg: RewardModelConfig, out_dir: Path, *,
                        seed: int) -> dict[str, Any]:
-    """Train in place; write out_dir/{metrics.jsonl, model/, rm.json}. Returns the rm.json summary:
-    validation accuracy/loss before and after, first/last training loss, seconds.
+    """Train the policy's classifier in place; write out_dir/{metrics.jsonl, model/, rm.json}. Returns the
+    rm.json summary: validation accuracy/loss before and after, first/last training loss, seconds.
 
     No mid-run checkpoints: reward models here train in seconds; a rerun starts over (deterministic)."""
+    if not isinstance(policy, Policy):
+        raise TypeError(f"train_reward_model takes an r1kit.policy.Policy, got {type(policy).__name__}")
+    model, tokenizer = policy.model, policy.tokenizer
     if cfg.epochs < 1 or cfg.batch_size < 1 or not cfg.lr > 0:
         raise R1KitError(f"rm: need epochs >= 1, batch_size >= 1, lr > 0; got {cfg.epochs}, {cfg.batch_size}, {cfg.lr}")
     out_dir = Path(out_dir)
@@ -165,7 +142,7 @@ def train_reward_model(model, tokenizer, pairs: list[PreferencePair], cfg: Rewar
     rng = random.Random(seed)
     steps_per_epoch = -(-len(train) // cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    opt = policy.make_optimizer(cfg.lr, cfg.weight_decay, betas=(0.9, 0.95))
     before = evaluate_pairs(model, tokenizer, val)
     metrics = out_dir / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
@@ -177,13 +154,14 @@ def train_reward_model(model, tokenizer, pairs: list[PreferencePair], cfg: Rewar
         for i in range(0, len(order), cfg.batch_size):
             b = order[i : i + cfg.batch_size]
             prompts = [p.prompt for p in b]
-            loss = bradley_terry_loss(rewards_of(model, tokenizer, prompts, [p.chosen for p in b]),
-                                      rewards_of(model, tokenizer, prompts, [p.rejected for p in b]))
+            with policy.autocast():
+                loss = bradley_terry_loss(rewards_of(model, tokenizer, prompts, [p.chosen for p in b]),
+                                          rewards_of(model, tokenizer, prompts, [p.rejected for p in b]))
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, cfg.warmup_steps, cfg.lr, 0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            policy.clip_grad_norm(cfg.grad_clip)
             opt.step()
             step += 1
             log.append({"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"]})
@@ -192,8 +170,9 @@ def train_reward_model(model, tokenizer, pairs: list[PreferencePair], cfg: Rewar
     after = evaluate_pairs(model, tokenizer, val)
     summary = {"pairs": len(pairs), "train_pairs": len(train), "val_pairs": len(val), "steps": step,
                "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"], "val_before": before, "val_after": after,
-               "seconds": time.time() - t0}
+               "seconds": time.time() - t0, "params": policy.parameter_counts(),
+               "peak_memory_mb": policy.peak_memory_mb()}
     with atomic_dir(out_dir / "model") as tmp:
-        save_model(model, tokenizer, tmp)
+        policy.export_merged(tmp)  # a plain classifier folder even with LoRA: the scorer loads it as is
     atomic_write_json(out_dir / "rm.json", summary)
     return summary

@@ -1,7 +1,7 @@
 """Supervised fine-tuning (cold start, the R1 recipe's SFT stage, distillation): loss on completions only.
 
     examples = load_sft_data(Path("data.jsonl"), tokenizer)       # {"messages": [...]} or {"prompt", "completion"}
-    summary = train_sft(model, tokenizer, examples, cfg.sft, out_dir, seed=0)
+    summary = train_sft(policy, examples, cfg.sft, out_dir, seed=0)  # policy: r1kit.policy.Policy
 
 Data: one JSON object a line, either `{"prompt": str, "completion": str}` (the prompt text is used as is,
 e.g. an R1-Zero prompt ending in "Assistant:") or `{"messages": [{"role", "content"}, ...]}` rendered with
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from r1kit.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from r1kit.config import SFTConfig
 from r1kit.io import append_jsonl, atomic_dir, atomic_write_json, atomic_write_text, read_jsonl
-from r1kit.model import save_model
+from r1kit.policy import Policy
 from r1kit.progress import progress_bar
 from r1kit.types import R1KitError
 
@@ -61,6 +61,10 @@ class SFTBatch:
     @property
     def num_tokens(self) -> int:
         return int(self.loss_mask.sum().item())
+
+    def to(self, device: torch.device) -> SFTBatch:
+        return SFTBatch(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.targets, self.loss_mask,
+                                                                      self.position_ids, self.attention_mask)))
 
 
 # ----------------------------------------------------------------------------- data
@@ -259,20 +263,25 @@ def validate_sft_config(cfg: SFTConfig) -> None:
         raise R1KitError(f"sft: need lr > 0, 0 <= min_lr_frac <= 1, warmup_steps >= 0; got {cfg.lr}, {cfg.min_lr_frac}, {cfg.warmup_steps}")
 
 
-def train_sft(model, tokenizer, examples: list[SFTExample], cfg: SFTConfig, out_dir: Path, *, seed: int,
+def train_sft(policy: Policy, examples: list[SFTExample], cfg: SFTConfig, out_dir: Path, *, seed: int,
               resume: bool = True, config_yaml: str = "", show_progress: bool = False) -> dict[str, Any]:
-    """Fine-tune `model` in place on `examples`; write out_dir/{metrics.jsonl, checkpoints/, model/, sft.json}.
+    """Fine-tune the policy in place on `examples`; write out_dir/{metrics.jsonl, checkpoints/, model/, sft.json}
+    (model/ and the checkpoints hold only the adapter when the policy has LoRA).
 
-    Returns the summary also written to sft.json: steps, tokens, first/last loss, seconds.
+    Returns the summary also written to sft.json: steps, tokens, first/last loss, seconds, parameter
+    counts and peak memory.
     """
+    if not isinstance(policy, Policy):
+        raise TypeError(f"train_sft takes an r1kit.policy.Policy, got {type(policy).__name__}")
+    model, tokenizer = policy.model, policy.tokenizer
     validate_sft_config(cfg)
     if not examples:
         raise R1KitError("SFT: no training examples")
     out_dir = Path(out_dir)
     plan = SFTPlan(examples, cfg, seed)
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    start = _resume(model, opt, out_dir) if resume else 0
+    opt = policy.make_optimizer(cfg.lr, cfg.weight_decay, betas=(0.9, 0.95))
+    start = _resume(policy, opt, out_dir) if resume else 0
     metrics = out_dir / "metrics.jsonl"
     if metrics.exists():  # records after the checkpoint will be logged again
         keep = [r for r in read_jsonl(metrics) if r.get("step", 0) <= start]
@@ -281,26 +290,27 @@ def train_sft(model, tokenizer, examples: list[SFTExample], cfg: SFTConfig, out_
     model.train()
     bar = progress_bar(range(start, plan.total_steps), desc="sft", enabled=show_progress, initial=start, total=plan.total_steps)
     for step in bar:
-        record = sft_step(model, opt, plan.micro_batches(step, tokenizer.pad_token_id), cfg,
+        record = sft_step(policy, opt, plan.micro_batches(step, tokenizer.pad_token_id), cfg,
                           lr_at(step, plan.total_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr_frac))
         record.update(step=step + 1, epoch=step // plan.steps_per_epoch, time=time.time() - t0)
         append_jsonl(metrics, record)
         bar.set_postfix(loss=f"{record['loss']:.3f}")
         if (step + 1) % max(1, cfg.save_every) == 0 and step + 1 < plan.total_steps:
-            _save(model, tokenizer, opt, out_dir, step + 1, config_yaml, cfg.keep_checkpoints)
+            _save(policy, opt, out_dir, step + 1, config_yaml, cfg.keep_checkpoints)
     model.eval()
     log = read_jsonl(metrics) if metrics.exists() else []
     summary = {"steps": plan.total_steps, "resumed_from": start, "examples": len(examples),
                "steps_per_epoch": plan.steps_per_epoch, "trained_tokens": sum(r["tokens"] for r in log),
                "first_loss": log[0]["loss"] if log else None, "last_loss": log[-1]["loss"] if log else None,
-               "seconds": time.time() - t0}
+               "seconds": time.time() - t0, "params": policy.parameter_counts(),
+               "peak_memory_mb": policy.peak_memory_mb()}
     with atomic_dir(out_dir / "model") as tmp:
-        save_model(model, tokenizer, tmp)
+        policy.save(tmp)
     atomic_write_json(out_dir / "sft.json", summary)
     return summary
 
 
-def sft_step(model, opt, micro: list[SFTBatch], cfg: SFTConfig, lr: float) -> dict[str, float]:
+def sft_step(policy: Policy, opt, micro: list[SFTBatch], cfg: SFTConfig, lr: float) -> dict[str, float]:
     """One optimizer step over its micro-batches; the loss is the mean over the step's trained tokens."""
     n_tokens = max(1, sum(b.num_tokens for b in micro))
     for g in opt.param_groups:
@@ -308,37 +318,27 @@ def sft_step(model, opt, micro: list[SFTBatch], cfg: SFTConfig, lr: float) -> di
     opt.zero_grad(set_to_none=True)
     total = 0.0
     for b in micro:
-        loss = completion_loss_sum(model, b) / n_tokens
+        with policy.autocast():
+            loss = completion_loss_sum(policy.model, b.to(policy.device)) / n_tokens
         loss.backward()
         total += loss.item()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    grad_norm = policy.clip_grad_norm(cfg.grad_clip)
     opt.step()
     return {"loss": total, "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens}
 
 
-def _save(model, tokenizer, opt, out_dir: Path, step: int, config_yaml: str, keep: int) -> None:
+def _save(policy: Policy, opt, out_dir: Path, step: int, config_yaml: str, keep: int) -> None:
     state = {"step": step, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()}
-    save_checkpoint(out_dir / "checkpoints", step, model, tokenizer, state, config_yaml, keep=keep)
+    save_checkpoint(out_dir / "checkpoints", step, policy, state, config_yaml, keep=keep)
 
 
-def _resume(model, opt, out_dir: Path) -> int:
+def _resume(policy: Policy, opt, out_dir: Path) -> int:
     """Load the newest checkpoint under out_dir/checkpoints (if any); return its step."""
     ckpt = latest_checkpoint(out_dir / "checkpoints")
     if ckpt is None:
         return 0
-    load_weights(model, ckpt / "model")
+    policy.load_weights(ckpt / "model")
     state = load_trainer_state(ckpt)
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     return int(state["step"])
-
-
-def load_weights(model, folder: Path) -> None:
-    """Copy the safetensors weights of an HF folder into `model` (tied lm_head may be absent)."""
-    from safetensors.torch import load_file
-
-    weights = load_file(str(Path(folder) / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected or [k for k in missing if "lm_head" not in k]:
-        raise R1KitError(f"checkpoint {str(folder)!r} does not match the model (missing {missing[:4]}, unexpected {unexpected[:4]})")
-    model.tie_weights()
