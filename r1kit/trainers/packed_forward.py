@@ -67,17 +67,21 @@ def _sliding_window(config) -> int | None:
 
 @dataclass
 class PackedLayout:
-    """Where each token of a micro-batch lives, flat and in the two padded attention views.
+    """Where each token of a micro-batch lives: flat, and in the two padded attention views.
 
     B rows (completions) from U distinct prompts; T = sum(p_u) + sum(c_b) flat tokens, prompts first.
+    The views are filled by gathering flat tokens; a padding slot gathers token 0, which is harmless: a
+    padding key is masked out for every real query (probability exactly 0, so exactly 0 gradient), and a
+    padding query's output is never gathered back.
     """
 
     ids: torch.Tensor  # [T] long, flat tokens: prompt tokens (unit-major) then completion tokens (row-major)
     positions: torch.Tensor  # [T] long, 0..p_u-1 for a prompt, p_u + t for completion token t
-    prompt_slots: torch.Tensor  # [Tp_flat] long, flat prompt token -> index into the [U * Tp'] prompt view
-    completion_slots: torch.Tensor  # [Tc_flat] long, flat completion token -> index into the [B * Tc] view
-    row_unit: torch.Tensor  # [B] long, the prompt (unit) of each row
-    prompt_valid: torch.Tensor  # [U, Tp'] bool, real prompt tokens (left-aligned)
+    prompt_view: torch.Tensor  # [U * Tp'] long, flat token of each prompt-view slot (left-aligned prompts)
+    query_view: torch.Tensor  # [B * Tc] long, flat token of each completion-view query slot
+    key_view: torch.Tensor  # [B * (Tp' + Tc)] long, keys of a row: its prompt's slots, then its own
+    key_mask: torch.Tensor  # [B, 1, Tc, Tp' + Tc] bool, the prompt's real tokens + own tokens up to the query
+    out_index: torch.Tensor  # [T] long, each flat token's slot in cat(prompt view, completion view)
     predictors: torch.Tensor  # [M] long, flat index of the token whose output predicts (row, t) below
     pred_rows: torch.Tensor  # [M] long
     pred_cols: torch.Tensor  # [M] long
@@ -91,92 +95,80 @@ class PackedLayout:
 def _units(pids: torch.Tensor, pmask: torch.Tensor) -> torch.Tensor:
     """[B] unit index: consecutive rows with the same prompt (ids and mask) share one unit."""
     same = (pids[1:] == pids[:-1]).all(-1) & (pmask[1:] == pmask[:-1]).all(-1)  # [B-1]
-    starts = torch.cat([torch.ones(1, dtype=torch.long), (~same).long()])  # [B]
+    starts = torch.cat([torch.ones(1, dtype=torch.long, device=pids.device), (~same).long()])  # [B]
     return starts.cumsum(0) - 1
+
+
+def _check_completions(cmask: torch.Tensor, clen: torch.Tensor) -> None:
+    cols = torch.arange(cmask.shape[1], device=cmask.device)
+    if not torch.equal(cmask, cols[None] < clen[:, None]):
+        raise R1KitError("rollout.completion_mask: the packed update needs each completion's real tokens first "
+                         "(right padding only); a row has a gap")
 
 
 def pack_rows(rollout: Rollout, idx: torch.Tensor) -> PackedLayout:
     """The packed layout of rollout rows `idx` (any rows; rows sharing a prompt should be adjacent)."""
     pids, pmask = rollout.prompt_ids[idx], rollout.prompt_mask[idx].bool()  # [B, Tp] left-padded
-    cmask = rollout.completion_mask[idx] > 0  # [B, Tc_full]
     B, dev = idx.numel(), pids.device
-    clen = cmask.sum(-1)  # [B]
+    clen = (rollout.completion_mask[idx] > 0).sum(-1)  # [B]
     tc = int(clen.max()) or 1
-    cmask, cids = cmask[:, :tc], rollout.completion_ids[idx, :tc]  # [B, tc]
-    cols = torch.arange(tc, device=dev)
-    if not torch.equal(cmask, cols[None] < clen[:, None]):
-        raise R1KitError("rollout.completion_mask: the packed update needs each completion's real tokens first "
-                         "(right padding only); a row has a gap")
+    cids, cmask = rollout.completion_ids[idx, :tc], rollout.completion_mask[idx, :tc] > 0  # [B, tc]
+    _check_completions(cmask, clen)
     row_unit = _units(pids, pmask)  # [B]
-    first = torch.cat([torch.ones(1, dtype=torch.bool), row_unit[1:] != row_unit[:-1]])  # [B]
+    first = torch.cat([torch.ones(1, dtype=torch.bool, device=dev), row_unit[1:] != row_unit[:-1]])  # [B]
     plen = pmask[first].sum(-1)  # [U]
     if bool((plen == 0).any()):
         raise R1KitError("rollout.prompt_mask: a row has an empty prompt; nothing would predict its first token")
-    U, tp = int(plen.numel()), int(plen.max())
-    # left-padded [U, Tp] -> left-aligned [U, tp]: column j of unit u is token Tp - p_u + j
-    full_tp = pids.shape[1]
-    src = (cols_p := torch.arange(tp, device=dev))[None] + (full_tp - plen)[:, None]  # [U, tp]
-    prompt_valid = cols_p[None] < plen[:, None]  # [U, tp]
-    prompt_ids = pids[first].gather(1, src.clamp(max=full_tp - 1))  # [U, tp]
-    prompt_slots = prompt_valid.reshape(-1).nonzero().squeeze(1)  # [Tp_flat]
-    completion_slots = cmask.reshape(-1).nonzero().squeeze(1)  # [Tc_flat]
-    ids = torch.cat([prompt_ids.reshape(-1)[prompt_slots], cids.reshape(-1)[completion_slots]])  # [T]
-    comp_pos = plen[row_unit][:, None] + cols[None]  # [B, tc]
-    positions = torch.cat([cols_p[None].expand(U, tp).reshape(-1)[prompt_slots],
-                           comp_pos.reshape(-1)[completion_slots]])  # [T]
-    n_prompt = prompt_slots.numel()
-    # flat index of every completion slot (row, t) that holds a token; -1 elsewhere
-    flat_of_slot = torch.full((B * tc,), -1, dtype=torch.long, device=dev)
-    flat_of_slot[completion_slots] = torch.arange(completion_slots.numel(), device=dev) + n_prompt
-    unit_start = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), plen.cumsum(0)[:-1]])  # [U]
-    last_prompt = unit_start + plen - 1  # [U] flat index of each prompt's last token
+    U, tp, full_tp = int(plen.numel()), int(plen.max()), pids.shape[1]
+    cols, cols_p = torch.arange(tc, device=dev), torch.arange(tp, device=dev)
+    prompt_valid = cols_p[None] < plen[:, None]  # [U, tp] left-aligned
+    src = (cols_p[None] + (full_tp - plen)[:, None]).clamp(max=full_tp - 1)  # [U, tp] column in the left-padded row
+    n_prompt, n_comp = int(plen.sum()), int(clen.sum())
+    flat_prompt = torch.zeros(U * tp, dtype=torch.long, device=dev)  # padding slots -> token 0
+    flat_prompt[prompt_valid.reshape(-1)] = torch.arange(n_prompt, device=dev)
+    flat_comp = torch.zeros(B * tc, dtype=torch.long, device=dev)
+    flat_comp[cmask.reshape(-1)] = torch.arange(n_comp, device=dev) + n_prompt
+    ids = torch.cat([pids[first].gather(1, src)[prompt_valid], cids[cmask]])  # [T]
+    positions = torch.cat([cols_p[None].expand(U, tp)[prompt_valid], (plen[row_unit][:, None] + cols[None])[cmask]])
+    key_view = torch.cat([flat_prompt.view(U, tp)[row_unit], flat_comp.view(B, tc)], dim=1)  # [B, tp + tc]
+    own = torch.ones(tc, tc, dtype=torch.bool, device=dev).tril()  # [tc, tc]
+    key_mask = torch.cat([prompt_valid[row_unit][:, None, :].expand(B, tc, tp), own.expand(B, tc, tc)], dim=-1)
+    view_slots = torch.cat([prompt_valid.reshape(-1), cmask.reshape(-1)]).nonzero().squeeze(1)  # [T]
     # (row, t) is predicted by token t-1 of the row, or by the prompt's last token for t = 0; every row
     # predicts at least its t = 0 (zeroed when empty) so that an all-empty micro-batch still has a graph.
-    want = cols[None] < clen.clamp(min=1)[:, None]  # [B, tc]
-    pred_rows, pred_cols = want.nonzero(as_tuple=True)  # [M]
-    prev = flat_of_slot.view(B, tc)[pred_rows, (pred_cols - 1).clamp(min=0)]
+    last_prompt = plen.cumsum(0) - 1  # [U] flat index of each prompt's last token
+    pred_rows, pred_cols = (cols[None] < clen.clamp(min=1)[:, None]).nonzero(as_tuple=True)  # [M]
+    prev = flat_comp.view(B, tc)[pred_rows, (pred_cols - 1).clamp(min=0)]
     predictors = torch.where(pred_cols == 0, last_prompt[row_unit[pred_rows]], prev)  # [M]
-    return PackedLayout(ids, positions, prompt_slots, completion_slots, row_unit, prompt_valid, predictors,
-                        pred_rows, pred_cols, cids[pred_rows, pred_cols], cmask, U, tp, tc)
+    return PackedLayout(ids, positions, flat_prompt, flat_comp, key_view.reshape(-1), key_mask[:, None],
+                        view_slots, predictors, pred_rows, pred_cols, cids[pred_rows, pred_cols], cmask, U, tp, tc)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """HF's apply_rotary_pos_emb for one tensor: x * cos + rotate_half(x) * sin. x: [T, H, D]; cos/sin [T, 1, D]."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
-
-def _to_view(x: torch.Tensor, slots: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """Flat [n, H, D] tokens into a zero-padded [rows, H, cols, D] attention view."""
-    out = x.new_zeros(rows * cols, *x.shape[1:]).index_copy(0, slots, x)  # [rows*cols, H, D]
-    return out.view(rows, cols, *x.shape[1:]).transpose(1, 2)
-
-
-def _from_view(o: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """The inverse of _to_view for an attention output [rows, H, cols, D] -> flat [n, H*D]."""
-    rows, H, cols, D = o.shape
-    return o.transpose(1, 2).reshape(rows * cols, H * D).index_select(0, slots)
-
-
-def _attention(q, k, v, lay: PackedLayout, masks, scale: float, gqa: bool) -> torch.Tensor:
+def _attention(qkv: torch.Tensor, lay: PackedLayout, n_heads: int, n_kv: int, scale: float) -> torch.Tensor:
     """Prompt tokens attend causally within their prompt; completion tokens to their prompt and their own
-    earlier tokens. q: [T, Hq, D], k/v: [T, Hkv, D] flat -> [T, Hq*D] flat."""
-    n_p, U, tp, tc, B = lay.prompt_slots.numel(), lay.num_units, lay.prompt_width, lay.width, lay.row_unit.numel()
-    qp, kp, vp = (_to_view(x[:n_p], lay.prompt_slots, U, tp) for x in (q, k, v))  # [U, H, tp, D]
-    op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=gqa)
-    qc, kc, vc = (_to_view(x[n_p:], lay.completion_slots, B, tc) for x in (q, k, v))  # [B, H, tc, D]
-    keys = torch.cat([kp.index_select(0, lay.row_unit), kc], dim=2)  # [B, Hkv, tp + tc, D]
-    values = torch.cat([vp.index_select(0, lay.row_unit), vc], dim=2)
-    oc = F.scaled_dot_product_attention(qc, keys, values, attn_mask=masks, scale=scale, enable_gqa=gqa)
-    return torch.cat([_from_view(op, lay.prompt_slots), _from_view(oc, lay.completion_slots)])  # [T, Hq*D]
+    earlier tokens. qkv: [T, Hq + 2 Hkv, D] flat (q, k rotated) -> [T, Hq * D] flat."""
+    U, tp, tc, (T, _, D) = lay.num_units, lay.prompt_width, lay.width, qkv.shape
+    B, gqa = lay.valid.shape[0], n_kv != n_heads
+    heads = lambda x: x.transpose(1, 2)  # noqa: E731  [rows, cols, H, D] -> [rows, H, cols, D]
+    pv = qkv.index_select(0, lay.prompt_view).view(U, tp, -1, D)  # [U, tp, Hq + 2Hkv, D]
+    qp, kp, vp = heads(pv[:, :, :n_heads]), heads(pv[:, :, n_heads:-n_kv]), heads(pv[:, :, -n_kv:])
+    op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=gqa)  # [U, Hq, tp, D]
+    qc = heads(qkv[:, :n_heads].index_select(0, lay.query_view).view(B, tc, n_heads, D))  # [B, Hq, tc, D]
+    kv = qkv[:, n_heads:].index_select(0, lay.key_view).view(B, tp + tc, 2 * n_kv, D)  # [B, tp + tc, 2Hkv, D]
+    oc = F.scaled_dot_product_attention(qc, heads(kv[:, :, :n_kv]), heads(kv[:, :, n_kv:]), attn_mask=lay.key_mask,
+                                        scale=scale, enable_gqa=gqa)  # [B, Hq, tc, D]
+    flat = lambda o: o.transpose(1, 2).reshape(-1, n_heads * D)  # noqa: E731  [rows, H, cols, D] -> [rows*cols, H*D]
+    return torch.cat([flat(op), flat(oc)]).index_select(0, lay.out_index)  # [T, Hq * D]
 
 
-def _completion_mask(lay: PackedLayout) -> torch.Tensor:
-    """[B, 1, tc, tp + tc] bool: the prompt's real tokens, then the row's own tokens up to the query."""
-    tc = lay.width
-    prompt_part = lay.prompt_valid[lay.row_unit][:, None, :].expand(-1, tc, -1)  # [B, tc, tp]
-    own = torch.ones(tc, tc, dtype=torch.bool, device=prompt_part.device).tril()  # [tc, tc]
-    return torch.cat([prompt_part, own[None].expand(prompt_part.shape[0], -1, -1)], dim=-1)[:, None]
+def _qkv_weights(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """q/k/v projections as one [(Hq + 2Hkv) * D, H] matrix (a view of autograd's cat: gradients reach each)."""
+    w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+    biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
+    if all(b is None for b in biases):
+        return w, None
+    return w, torch.cat([b if b is not None else w.new_zeros(p.out_features)
+                         for b, p in zip(biases, (attn.q_proj, attn.k_proj, attn.v_proj))])
 
 
 def packed_hidden(model: nn.Module, lay: PackedLayout) -> torch.Tensor:
@@ -188,16 +180,16 @@ def packed_hidden(model: nn.Module, lay: PackedLayout) -> torch.Tensor:
     scale = float(getattr(attn0, "scaling", D**-0.5))
     x = base.embed_tokens(lay.ids)  # [T, H]
     cos, sin = base.rotary_emb(x, lay.positions[None])  # [1, T, D]
-    cos, sin = cos[0, :, None], sin[0, :, None]  # [T, 1, D]
-    masks = _completion_mask(lay)
-    T = x.shape[0]
+    # HF's rotate_half(x) * sin = roll(x, D/2) * [-sin_1, sin_2]: a roll and a pre-signed table, same bits
+    sin = torch.cat([-sin[0, :, : D // 2], sin[0, :, D // 2:]], dim=-1)[:, None]  # [T, 1, D]
+    cos = cos[0, :, None]  # [T, 1, D]
+    T, n_qk = x.shape[0], n_heads + n_kv
     for layer in base.layers[: cfg.num_hidden_layers]:
         a = layer.self_attn
-        h = layer.input_layernorm(x)
-        q = _rotate(a.q_proj(h).view(T, n_heads, D), cos, sin)  # [T, Hq, D]
-        k = _rotate(a.k_proj(h).view(T, n_kv, D), cos, sin)  # [T, Hkv, D]
-        v = a.v_proj(h).view(T, n_kv, D)
-        x = x + a.o_proj(_attention(q, k, v, lay, masks, scale, n_kv != n_heads))
+        qkv = F.linear(layer.input_layernorm(x), *_qkv_weights(a)).view(T, n_qk + n_kv, D)
+        qk = qkv[:, :n_qk]
+        qkv = torch.cat([qk * cos + qk.roll(D // 2, dims=-1) * sin, qkv[:, n_qk:]], dim=1)  # RoPE on q and k
+        x = x + a.o_proj(_attention(qkv, lay, n_heads, n_kv, scale))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return x
 
