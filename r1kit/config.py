@@ -106,6 +106,10 @@ class GRPOConfig:
     grad_clip: float = 1.0
     updates_per_batch: int = 1  # mu in the paper
     micro_batch_size: int = 64  # rows per forward/backward (gradient accumulation)
+    # Training forwards (update, recomputed old / reference logprobs) without padding, each prompt run once
+    # per group and the LM head only at completion tokens (r1kit/trainers/packed_forward.py): the same
+    # logprobs and gradients up to float rounding. Llama-family models only; others use the padded forward.
+    packed_update: bool = False
     beta: float = 0.0  # KL coefficient; 0 loads no reference model
     kl_estimator: str = "k3"
     clip_low: float = 0.2
