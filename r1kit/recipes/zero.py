@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from r1kit import dist
 from r1kit.config import RunConfig, save_config
 from r1kit.corpus import build_corpus
 from r1kit.io import atomic_dir, atomic_write_json
@@ -49,7 +50,8 @@ def ensure_base_model(cfg: RunConfig, show_progress: bool = True) -> Path:
     if cfg.model.path:
         return Path(cfg.model.path)
     out = base_dir(cfg)
-    if not ((out / "config.json").exists() and (out / "pretrain.json").exists()):
+    # rank 0 decides for all (under torchrun every rank pretrains its share; rank 0 writes the folder)
+    if dist.broadcast_object(not ((out / "config.json").exists() and (out / "pretrain.json").exists())):
         pretrain_base(cfg, out, make_task(cfg.task.name, **cfg.task.options), show_progress=show_progress)
     return out
 
@@ -125,9 +127,11 @@ def pretrain_base(cfg: RunConfig, out: Path, task, *, model_cfg=None, steps: int
             warnings.warn(f"stage 0: the base model did not reach pass@1 {p.gate_pass1} within pretrain.max_steps="
                           f"{p.max_steps} ({last}, kept); RL may get little reward signal. Raise "
                           f"pretrain.max_steps or pretrain.steps.", stacklevel=2)
-    with atomic_dir(out) as tmp:
-        save_model(model, tokenizer, tmp)
-        atomic_write_json(tmp / "pretrain.json", info)
+    if dist.is_main():
+        with atomic_dir(out) as tmp:
+            save_model(model, tokenizer, tmp)
+            atomic_write_json(tmp / "pretrain.json", info)
+    dist.barrier()
     return info
 
 
@@ -174,7 +178,8 @@ def run_zero(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
 
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    if dist.is_main():  # under torchrun only rank 0 writes files
+        save_config(cfg, run_dir / "config.yaml")
     t0 = time.time()
     base = ensure_base_model(cfg, cfg.log.progress)
     t_base = time.time() - t0
@@ -191,16 +196,25 @@ def run_zero(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
         return results[step]
 
     trainer = GRPOTrainer(cfg, policy, task, run_dir, evaluate=evaluate_during_rl)
-    base_eval = evaluate(trainer.engine, 0, run_dir / "eval_base")  # before any resume: the base weights
+    with dist.full_params(policy.module):  # before any resume: the base weights; on rank 0, shared with all
+        base_eval = evaluate(trainer.engine, 0, run_dir / "eval_base") if dist.is_main() else {}
+    base_eval = dist.broadcast_object(base_eval)
     t1 = time.time()
     trainer.train(resume=resume, initial_metrics={f"eval/{k}": v for k, v in base_eval.items()})
     t_rl = time.time() - t1
-    final_eval = results.get(trainer.step_idx) or evaluate(trainer.engine, trainer.step_idx, run_dir / "eval_final")
-    with atomic_dir(run_dir / "final") as tmp:
-        policy.save(tmp)  # the adapter only with LoRA (r1kit export --merge makes a full folder)
+    with dist.full_params(policy.module):
+        final_eval = results.get(trainer.step_idx) or (evaluate(trainer.engine, trainer.step_idx, run_dir / "eval_final")
+                                                       if dist.is_main() else {})
+    final_eval = dist.broadcast_object(final_eval)
+    weights = dist.full_state_dict(policy.module) if dist.is_sharded(policy.module) else None  # FSDP2: collective
+    if dist.is_main():
+        with atomic_dir(run_dir / "final") as tmp:
+            policy.save(tmp, state_dict=weights)  # the adapter only with LoRA (r1kit export --merge: a full folder)
     stage0 = json.loads((base / "pretrain.json").read_text()) if (base / "pretrain.json").exists() else {}
     summary = {"name": cfg.name, "seed": cfg.seed, "base_model": str(base), "base": base_eval, "final": final_eval,
                "pretrain": {k: stage0[k] for k in ("steps", "total_steps", "params", "gate") if k in stage0},
                "seconds": {"pretrain": t_base, "rl": t_rl, "total": time.time() - t0}, "steps": trainer.step_idx}
-    atomic_write_json(run_dir / "summary.json", summary)
+    if dist.is_main():
+        atomic_write_json(run_dir / "summary.json", summary)
+    dist.barrier()
     return summary

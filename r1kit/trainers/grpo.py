@@ -39,6 +39,7 @@ import torch
 import yaml
 
 import r1kit.rewards.shaping  # noqa: F401  registers the "overlong" reward
+from r1kit import dist
 from r1kit.algorithms import (
     agg_denominator,
     compute_advantages,
@@ -51,7 +52,7 @@ from r1kit.algorithms import (
 from r1kit.checkpoint import latest_checkpoint, load_trainer_state, restore_rng, rng_state, save_checkpoint
 from r1kit.config import GRPO_PRESETS, GRPOConfig, RunConfig, to_dict
 from r1kit.engine import GenerationEngine
-from r1kit.logger import MetricsLogger, plot_curves
+from r1kit.logger import MetricsLogger, NullLogger, plot_curves
 from r1kit.model import token_logprobs
 from r1kit.policy import Policy
 from r1kit.progress import progress_bar
@@ -59,7 +60,7 @@ from r1kit.rewards import score_completions
 from r1kit.rewards.functions import has_reflection
 from r1kit.rewards.shaping import default_overlong_buffer, with_completion_lengths
 from r1kit.templates import render_prompt
-from r1kit.trainers.grpo_batch import Sampled, SamplingStats, StepBatch, collect_groups
+from r1kit.trainers.grpo_batch import Sampled, SamplingStats, StepBatch, collect_groups, generate_groups
 from r1kit.types import Problem, R1KitError, Rollout
 
 __all__ = ["GRPOTrainer", "KL_MODES", "PRESETS", "Sampled", "SamplingStats", "StepBatch", "check_grpo_options",
@@ -79,6 +80,8 @@ CURVE_PANELS = [
 
 
 POSTFIX = {"reward": "reward", "acc": "reward/accuracy", "len": "completion_len_mean", "eval": "eval/pass1"}
+
+ROLLOUT_SEEDS = ("auto", "batch", "group")  # see GRPOConfig.rollout_seeds
 
 # Metrics that are partial sums over micro-batches (each divides by the full batch's denominator).
 _SUMMED = ("loss", "pg_loss")
@@ -107,6 +110,11 @@ def check_grpo_options(g: GRPOConfig) -> None:
     if g.overlong_buffer is not None and not 0 <= g.overlong_buffer <= g.max_new_tokens:
         problems.append(f"grpo.overlong_buffer must be in [0, grpo.max_new_tokens={g.max_new_tokens}], "
                         f"got {g.overlong_buffer}")
+    if g.rollout_seeds not in ROLLOUT_SEEDS:
+        problems.append(f"grpo.rollout_seeds={g.rollout_seeds!r} is unknown; allowed values: {list(ROLLOUT_SEEDS)}")
+    if dist.world() > 1:  # both select from the FULL batch, which no rank holds (not supported yet)
+        problems += [f"grpo.{k} is not supported on several ranks yet" for k in ("dynamic_sampling", "entropy_top_fraction")
+                     if getattr(g, k) not in (False, None)]
     if g.preset is not None and g.preset not in PRESETS:
         problems.append(f"grpo.preset={g.preset!r} is unknown; known presets: {sorted(PRESETS)}")
     if problems:
@@ -154,7 +162,12 @@ class GRPOTrainer:
         self.run_dir = Path(run_dir)
         self.overlong_buffer = g.overlong_buffer if g.overlong_buffer is not None else default_overlong_buffer(g.max_new_tokens)
         self.engine = engine if engine is not None else policy.make_engine(backend=cfg.engine.backend)
+        dist.share(g.prompts_per_step, "grpo.prompts_per_step")  # under torchrun: whole groups per rank, or an error
+        dist.prepare(policy, cfg.dist.strategy)  # DDP / FSDP2 when on several ranks; before the optimizer
         self.optimizer = policy.make_optimizer(g.lr, g.weight_decay, betas=(0.9, 0.99))
+        # "group": one random stream per (step, round, global group index), so any rank layout samples alike
+        self.group_streams = g.rollout_seeds == "group" or (g.rollout_seeds == "auto" and dist.world() > 1)
+        self._round = 0  # sampling rounds so far in this step (dynamic sampling runs several)
         self.py_rng = random.Random(cfg.seed)
         self.generator = policy.generator(cfg.seed)
         self.step_idx = 0
@@ -168,12 +181,13 @@ class GRPOTrainer:
             self.engine.load_weights()  # the engine samples the checkpoint's weights, not the initial ones
         # Resuming drops the records after the checkpoint; with no checkpoint yet (killed before the first
         # one) that is every record, step 0 included, since step 0 is logged again just below.
-        logger = MetricsLogger(self.run_dir, log_cfg.tensorboard,
-                               resume_step=(self.step_idx if self.step_idx > 0 else -1) if resume else None)
+        logger = MetricsLogger(self.run_dir, log_cfg.tensorboard,  # only rank 0 writes files
+                               resume_step=(self.step_idx if self.step_idx > 0 else -1) if resume else None) \
+            if dist.is_main() else NullLogger()
         records = []
         if self.step_idx == 0 and (initial_metrics or self.evaluate is not None):
             logger.log({"step": 0, **(initial_metrics or self._eval_metrics())})
-        bar = progress_bar(range(self.step_idx, cfg.grpo.steps), desc="grpo", enabled=log_cfg.progress,
+        bar = progress_bar(range(self.step_idx, cfg.grpo.steps), desc="grpo", enabled=log_cfg.progress and dist.is_main(),
                            initial=self.step_idx, total=cfg.grpo.steps)
         for _ in bar:
             record, batch = self.step()
@@ -190,7 +204,8 @@ class GRPOTrainer:
             if self._due(log_cfg.save_every):
                 self.save()
         logger.close()
-        plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png", CURVE_PANELS)
+        if dist.is_main():
+            plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png", CURVE_PANELS)
         return records
 
     def _due(self, every: int) -> bool:
@@ -199,6 +214,7 @@ class GRPOTrainer:
     def step(self) -> tuple[dict[str, Any], StepBatch]:
         """One GRPO step (see the module doc). Returns its metrics record and the batch it trained on."""
         g, times, t0 = self.cfg.grpo, {}, time.perf_counter()
+        self._round = 0
         sampled, sampling = collect_groups(lambda: self.sample(times), g.prompts_per_step, dynamic=g.dynamic_sampling,
                                            max_tries=g.max_sampling_tries, pad_id=self.tokenizer.pad_token_id)
         ro = sampled.rollout
@@ -207,7 +223,11 @@ class GRPOTrainer:
             ref = self.reference_logprobs(ro) if g.beta > 0 else None  # [N, Tc]; beta = 0 never runs it
         scores = self.policy.to_device(sampled.scores.total)  # [N] rewards are computed on the CPU
         rewards = scores - self.kl_penalty(old, ref, ro.completion_mask)  # [N]
-        advantages = compute_advantages(rewards, g.group_size, g.advantage)  # [N]
+        # advantages over the GLOBAL batch (whole groups per rank: identical to local ones for group-wise
+        # advantages, and batch-wide normalisations such as REINFORCE++'s see every rank's rows)
+        rewards_all = dist.all_gather_rows(rewards)  # [N * world] rank-major = prompt-major
+        mine = dist.share(len(rewards_all), "grpo.prompts_per_step")
+        advantages = compute_advantages(rewards_all, g.group_size, g.advantage)[mine]  # [N]
         batch = StepBatch(sampled.problems, ro, sampled.texts, sampled.scores, rewards, advantages, old,
                           self.loss_mask(ro, entropy), ref_logprobs=ref, sampling=sampling,
                           sampler_logprobs=ro.logprobs if g.recompute_old_logprobs else None)
@@ -219,7 +239,7 @@ class GRPOTrainer:
                 self.engine.load_weights()  # next rollouts sample the new weights (vLLM: in place; local: no-op)
         self.step_idx += 1
         elapsed = time.perf_counter() - t0
-        record = {"step": self.step_idx, **self._batch_metrics(batch), **update_metrics,
+        record = {"step": self.step_idx, **self._global_batch_metrics(batch), **update_metrics,
                   **{f"time/{k}": v for k, v in times.items()}, "time/step": elapsed,
                   "tokens_per_s": sampling.generated_tokens / elapsed}
         return record, batch
@@ -229,8 +249,11 @@ class GRPOTrainer:
         """One sampling round: `prompts_per_step` fresh problems, G completions each, scored."""
         g = self.cfg.grpo
         with _timed(times, "generate"):
-            problems = self.task.train_problems(g.prompts_per_step, self.py_rng)
-            rollout, texts = self.generate(problems)
+            problems = self.task.train_problems(g.prompts_per_step, self.py_rng)  # the global draw, on every rank
+            mine = dist.share(len(problems), "grpo.prompts_per_step")  # this rank's whole groups
+            problems = problems[mine]
+            rollout, texts = self.generate(problems, first_group=mine.start)
+            self._round += 1
         with _timed(times, "score"):
             # each row gets its own copy of its problem carrying its token length (for "overlong")
             expanded = with_completion_lengths([p for p in problems for _ in range(g.group_size)], rollout.lengths,
@@ -238,11 +261,19 @@ class GRPOTrainer:
             scores = score_completions(texts, expanded, g.reward_weights)
         return Sampled(problems, rollout, texts, scores)
 
-    def generate(self, problems: list[Problem]) -> tuple[Rollout, list[str]]:
+    def generate(self, problems: list[Problem], first_group: int = 0) -> tuple[Rollout, list[str]]:
+        """G completions per problem; `first_group` is the global index of problems[0] (per-group streams)."""
         g = self.cfg.grpo
         prompts = [self.tokenizer(render_prompt(p.question, self.cfg.task.template)).input_ids for p in problems]
-        rollout = self.engine.generate(prompts, group_size=g.group_size, max_new_tokens=g.max_new_tokens,
-                                       temperature=g.temperature, top_p=g.top_p, generator=self.generator)
+        opts = dict(group_size=g.group_size, max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p)
+        with dist.full_params(self.model):  # FSDP2: the engine samples from the gathered full weights
+            if self.group_streams:
+                seeds = [dist.stream_seed(self.cfg.seed, "group", self.step_idx, self._round, first_group + i)
+                         for i in range(len(prompts))]
+                rollout = generate_groups(self.engine, prompts, seeds, self.policy.generator,
+                                          pad_id=self.tokenizer.pad_token_id, **opts)
+            else:
+                rollout = self.engine.generate(prompts, generator=self.generator, **opts)
         return rollout, decode_completions(self.tokenizer, rollout)
 
     def old_policy_logprobs(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -298,15 +329,17 @@ class GRPOTrainer:
     def update(self, batch: StepBatch) -> dict[str, float]:
         """mu optimizer steps over the whole batch, each accumulating gradients over micro-batches."""
         g, ro, mu = self.cfg.grpo, batch.rollout, self.cfg.grpo.updates_per_batch
-        denominator = agg_denominator(batch.loss_mask, g.agg_mode)  # full batch: accumulation is exact
-        tokens = float(batch.loss_mask.sum())
+        # the FULL batch's normaliser, summed over ranks: accumulation over micro-batches and ranks is exact
+        denominator = dist.all_reduce_sum(agg_denominator(batch.loss_mask, g.agg_mode))
+        tokens = float(dist.all_reduce_sum(batch.loss_mask.sum()))
         acc: dict[str, float] = {}
         self.model.train()
         for _ in range(mu):
             self.optimizer.zero_grad(set_to_none=True)
-            for idx in self._micro_batches(ro.num_rows):
+            micro = self._micro_batches(ro.num_rows)
+            for j, idx in enumerate(micro):
                 ids, mask, tc = micro_inputs(ro, idx)
-                with self.policy.autocast():
+                with dist.grad_sync(self.policy.model, j == len(micro) - 1), self.policy.autocast():  # DDP: last syncs
                     logprobs, entropy = token_logprobs(self.policy.model, ids, mask, tc, g.temperature,
                                                        with_entropy=True, entropy_grad=g.entropy_coef != 0)
                 part = lambda x: None if x is None else x[idx, :tc]  # noqa: E731  [B, tc] slice of an [N, Tc]
@@ -318,14 +351,16 @@ class GRPOTrainer:
                     entropy=entropy, entropy_coef=g.entropy_coef, tis_cap=g.tis_cap, norm_const=g.max_new_tokens,
                     denominator=denominator,
                 )
-                loss.backward()
+                with dist.grad_sync(self.policy.model, j == len(micro) - 1):
+                    loss.backward()
                 share = float(batch.loss_mask[idx].sum()) / tokens if tokens else 0.0  # token-weighted means
                 _accumulate(acc, {**m, "loss": loss.detach()}, share / mu, 1.0 / mu)
             grad_norm = self.policy.clip_grad_norm(g.grad_clip)
             _accumulate(acc, {"grad_norm": grad_norm}, 1.0 / mu, 1.0 / mu)
             self.optimizer.step()
         self.model.eval()
-        return acc
+        # each rank's shares are of the global token count: summing over ranks gives the global means
+        return dist.reduce_metrics(acc, summed=[k for k in acc if k != "grad_norm"])
 
     def _micro_batches(self, n: int) -> list[torch.Tensor]:
         size = max(1, self.cfg.grpo.micro_batch_size)
@@ -353,8 +388,23 @@ class GRPOTrainer:
             out["kl_penalty_mean"] = (batch.scores.total - batch.rewards).mean().item()
         return out
 
+    def _global_batch_metrics(self, batch: StepBatch) -> dict[str, float]:
+        """`_batch_metrics` of the global batch: row means weighted over ranks, maxima by max, spreads
+        from every rank's rows (in one process: `_batch_metrics`)."""
+        out = self._batch_metrics(batch)
+        if dist.world() == 1:
+            return out
+        out = dist.reduce_metrics(out, weight=batch.rollout.num_rows, summed=("kept_groups", "dropped_groups"))
+        total, adv = dist.all_gather_rows(batch.scores.total), dist.all_gather_rows(batch.advantages)  # [N * world]
+        out.update({"reward_std": total.std().item(), "adv_mean": adv.mean().item(), "adv_std": adv.std().item(),
+                    "adv_abs_mean": adv.abs().mean().item()})
+        return out
+
     def _eval_metrics(self) -> dict[str, float]:
-        return {f"eval/{k}": v for k, v in self.evaluate(self.engine, self.step_idx).items()}
+        """Held-out evaluation on rank 0 (FSDP2: from the gathered weights); every rank gets the result."""
+        with dist.full_params(self.model):
+            out = {f"eval/{k}": v for k, v in self.evaluate(self.engine, self.step_idx).items()} if dist.is_main() else {}
+        return dist.broadcast_object(out)
 
     def _samples(self, batch: StepBatch) -> list[dict[str, Any]]:
         n, G = self.cfg.log.num_samples, self.cfg.grpo.group_size
@@ -363,10 +413,16 @@ class GRPOTrainer:
                  "completion": batch.texts[r], "reward": round(float(batch.scores.total[r]), 4)} for r in rows]
 
     def save(self) -> Path:
-        state = {"step": self.step_idx, "optimizer": self.optimizer.state_dict(),
+        """Rank 0 writes the checkpoint (full tensors, gathered first under FSDP2: every rank calls this)."""
+        weights = dist.full_state_dict(self.model) if dist.is_sharded(self.model) else None  # collective
+        state = {"step": self.step_idx, "optimizer": dist.full_optimizer_state(self.model, self.optimizer),
                  "rng": rng_state(self.py_rng, self.generator)}
-        return save_checkpoint(self.run_dir / "checkpoints", self.step_idx, self.policy, state,
-                               yaml.safe_dump(to_dict(self.cfg), sort_keys=False), keep=self.cfg.log.keep_checkpoints)
+        path = self.run_dir / "checkpoints"
+        if dist.is_main():
+            path = save_checkpoint(path, self.step_idx, self.policy, state, yaml.safe_dump(to_dict(self.cfg), sort_keys=False),
+                                   keep=self.cfg.log.keep_checkpoints, state_dict=weights)
+        dist.barrier()
+        return path
 
     def resume(self) -> int:
         """Load the latest checkpoint under run_dir/checkpoints (weights, optimizer, RNG, step), if any;
@@ -376,7 +432,7 @@ class GRPOTrainer:
             return self.step_idx
         self.policy.load_weights(ckpt / "model")  # full weights, or the adapter with LoRA
         state = load_trainer_state(ckpt)
-        self.optimizer.load_state_dict(state["optimizer"])
+        dist.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
         restore_rng(state["rng"], self.py_rng, self.generator)
         self.step_idx = state["step"]
         return self.step_idx

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from r1kit import dist
 from r1kit.config import PretrainConfig
 from r1kit.corpus import CorpusDoc
 from r1kit.policy import Policy
@@ -114,6 +115,9 @@ def pretrain(policy: Policy, docs: list[CorpusDoc], cfg: PretrainConfig, seed: i
     """Train the policy's model in place; returns one metrics record per 50 steps plus one per readiness check
     ({"step", "gate_pass1", "passed"}). `check` (policy -> pass@1) is called when cfg.gate_pass1 > 0."""
     validate(cfg)
+    if cfg.batch_size < dist.world():
+        raise R1KitError(f"pretrain.batch_size={cfg.batch_size} must be at least the number of ranks ({dist.world()})")
+    dist.prepare(policy)  # under torchrun: DDP (stage 0's models are tiny), each rank a share of every batch
     model, tokenizer = policy.model, policy.tokenizer
     gated = cfg.gate_pass1 > 0
     if gated and check is None:
@@ -133,28 +137,32 @@ def pretrain(policy: Policy, docs: list[CorpusDoc], cfg: PretrainConfig, seed: i
     pad = tokenizer.pad_token_id
     sched = Schedule(cfg)
     log, t0 = [], time.time()
-    bar = progress_bar(None, desc="pretrain", enabled=show_progress, total=cfg.steps)
+    bar = progress_bar(None, desc="pretrain", enabled=show_progress and dist.is_main(), total=cfg.steps)
     step = 0
     while True:
         if step == sched.total:  # the end of a cycle
             if not gated:
                 break
-            score = check(policy)
+            score = dist.broadcast_object(check(policy) if dist.is_main() else None)  # every rank decides alike
             model.train()
             passed = score >= cfg.gate_pass1
             log.append({"step": step, "gate_pass1": score, "passed": passed, "time": time.time() - t0})
             extend = not passed and sched.can_extend()
-            tqdm.write(f"stage 0 readiness check after {step} steps: sampled pass@1 {score:.3f} "
-                       f"({'passed' if passed else 'below'} {cfg.gate_pass1}"
-                       f"{'; training another cycle' if extend else ''})", file=sys.stderr)
+            if dist.is_main():
+                tqdm.write(f"stage 0 readiness check after {step} steps: sampled pass@1 {score:.3f} "
+                           f"({'passed' if passed else 'below'} {cfg.gate_pass1}"
+                           f"{'; training another cycle' if extend else ''})", file=sys.stderr)
             if not extend:
                 break
             sched.extend()
             bar.total = sched.total
             bar.refresh()
-        batch = next(draws)
+        batch = next(draws)  # the global batch, drawn alike on every rank
+        mine = batch[dist.even_share(len(batch))]  # this rank's documents
+        # the global token count normalises every rank's sum (one process: the batch's own mean, as before)
+        per = expected_tokens if cfg.bucket_pool > 1 else None if dist.world() == 1 else sum(len(d) - 1 for d in batch)
         with policy.autocast():
-            objective, loss = batch_loss(model, batch, pad, expected_tokens if cfg.bucket_pool > 1 else None)
+            objective, loss = batch_loss(model, mine, pad, per)
         for g in opt.param_groups:
             g["lr"] = sched.lr(step)
         opt.zero_grad(set_to_none=True)
@@ -162,6 +170,9 @@ def pretrain(policy: Policy, docs: list[CorpusDoc], cfg: PretrainConfig, seed: i
         policy.clip_grad_norm(1.0)
         opt.step()
         if step % 50 == 0 or step == sched.total - 1:
+            if dist.world() > 1:  # the global batch's token mean
+                n = [sum(len(d) - 1 for d in x) for x in (mine, batch)]
+                loss = dist.all_reduce_sum(loss.double() * n[0]) / n[1]
             log.append({"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"], "time": time.time() - t0})
             bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.update(1)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from r1kit import dist
 from r1kit.config import ModelConfig, RewardModelConfig
 from r1kit.io import append_jsonl, atomic_dir, atomic_write_json
 from r1kit.model import load_classifier
@@ -133,6 +134,7 @@ def train_reward_model(policy: Policy, pairs: list[PreferencePair], cfg: RewardM
     No mid-run checkpoints: reward models here train in seconds; a rerun starts over (deterministic)."""
     if not isinstance(policy, Policy):
         raise TypeError(f"train_reward_model takes an r1kit.policy.Policy, got {type(policy).__name__}")
+    dist.prepare(policy)  # under torchrun: DDP, each rank a share of every batch of pairs
     model, tokenizer = policy.model, policy.tokenizer
     if cfg.epochs < 1 or cfg.batch_size < 1 or not cfg.lr > 0:
         raise R1KitError(f"rm: need epochs >= 1, batch_size >= 1, lr > 0; got {cfg.epochs}, {cfg.batch_size}, {cfg.lr}")
@@ -143,9 +145,10 @@ def train_reward_model(policy: Policy, pairs: list[PreferencePair], cfg: RewardM
     steps_per_epoch = -(-len(train) // cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     opt = policy.make_optimizer(cfg.lr, cfg.weight_decay, betas=(0.9, 0.95))
-    before = evaluate_pairs(model, tokenizer, val)
+    before = evaluate_pairs(policy.module, tokenizer, val)
     metrics = out_dir / "metrics.jsonl"
-    metrics.unlink(missing_ok=True)
+    if dist.is_main():  # only rank 0 writes files
+        metrics.unlink(missing_ok=True)
     t0, step, log = time.time(), 0, []
     model.train()
     for _ in range(cfg.epochs):
@@ -153,10 +156,13 @@ def train_reward_model(policy: Policy, pairs: list[PreferencePair], cfg: RewardM
         rng.shuffle(order)
         for i in range(0, len(order), cfg.batch_size):
             b = order[i : i + cfg.batch_size]
-            prompts = [p.prompt for p in b]
+            mine = b[dist.even_share(len(b))] or b[:1]  # this rank's pairs (weight 0 when it has none)
+            prompts = [p.prompt for p in mine]
             with policy.autocast():
-                loss = bradley_terry_loss(rewards_of(model, tokenizer, prompts, [p.chosen for p in b]),
-                                          rewards_of(model, tokenizer, prompts, [p.rejected for p in b]))
+                loss = bradley_terry_loss(rewards_of(model, tokenizer, prompts, [p.chosen for p in mine]),
+                                          rewards_of(model, tokenizer, prompts, [p.rejected for p in mine]))
+            if dist.world() > 1:  # this rank's part of the mean over the GLOBAL batch; gradients are summed
+                loss = loss * (len(b[dist.even_share(len(b))]) / len(b))
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, cfg.warmup_steps, cfg.lr, 0.1)
             opt.zero_grad(set_to_none=True)
@@ -164,15 +170,19 @@ def train_reward_model(policy: Policy, pairs: list[PreferencePair], cfg: RewardM
             policy.clip_grad_norm(cfg.grad_clip)
             opt.step()
             step += 1
-            log.append({"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"]})
-            append_jsonl(metrics, log[-1])
+            log.append({"step": step, "loss": float(dist.all_reduce_sum(loss.detach().double())),
+                        "lr": opt.param_groups[0]["lr"]})
+            if dist.is_main():
+                append_jsonl(metrics, log[-1])
     model.eval()
-    after = evaluate_pairs(model, tokenizer, val)
+    after = evaluate_pairs(policy.module, tokenizer, val)
     summary = {"pairs": len(pairs), "train_pairs": len(train), "val_pairs": len(val), "steps": step,
                "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"], "val_before": before, "val_after": after,
                "seconds": time.time() - t0, "params": policy.parameter_counts(),
                "peak_memory_mb": policy.peak_memory_mb()}
-    with atomic_dir(out_dir / "model") as tmp:
-        policy.export_merged(tmp)  # a plain classifier folder even with LoRA: the scorer loads it as is
-    atomic_write_json(out_dir / "rm.json", summary)
+    if dist.is_main():
+        with atomic_dir(out_dir / "model") as tmp:
+            policy.export_merged(tmp)  # a plain classifier folder even with LoRA: the scorer loads it as is
+        atomic_write_json(out_dir / "rm.json", summary)
+    dist.barrier()
     return summary

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from r1kit import dist
 from r1kit.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from r1kit.config import SFTConfig
 from r1kit.io import append_jsonl, atomic_dir, atomic_write_json, atomic_write_text, read_jsonl
@@ -249,7 +250,16 @@ class SFTPlan:
             self._epoch, self._rows = epoch, pack_examples(self.examples, self.cfg.seq_len, random.Random(f"{self.seed}-{epoch}"))
         rows = self._rows[k * self.rows_per_step : (k + 1) * self.rows_per_step]
         mb = self.cfg.micro_batch_size
-        return [collate(rows[i : i + mb], pad_id) for i in range(0, len(rows), mb)]
+        # Under torchrun each rank takes a contiguous share of the step's rows (sizes differ by at most one);
+        # a rank with fewer micro-batches than the busiest pads with weightless ones (loss mask 0), because
+        # every rank must run as many forward/backward passes (DDP/FSDP2 collectives).
+        mine = rows[dist.even_share(len(rows))]
+        batches = [collate(mine[i : i + mb], pad_id) for i in range(0, len(mine), mb)]
+        busiest = -(-len(rows) // dist.world())
+        while len(batches) < -(-busiest // mb):
+            b = collate(rows[:1], pad_id)
+            batches.append(SFTBatch(b.input_ids, b.targets, torch.zeros_like(b.loss_mask), b.position_ids, b.attention_mask))
+        return batches
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -273,6 +283,7 @@ def train_sft(policy: Policy, examples: list[SFTExample], cfg: SFTConfig, out_di
     """
     if not isinstance(policy, Policy):
         raise TypeError(f"train_sft takes an r1kit.policy.Policy, got {type(policy).__name__}")
+    dist.prepare(policy)  # DDP (or the recipe's FSDP2) when on several ranks; before the optimizer
     model, tokenizer = policy.model, policy.tokenizer
     validate_sft_config(cfg)
     if not examples:
@@ -283,21 +294,28 @@ def train_sft(policy: Policy, examples: list[SFTExample], cfg: SFTConfig, out_di
     opt = policy.make_optimizer(cfg.lr, cfg.weight_decay, betas=(0.9, 0.95))
     start = _resume(policy, opt, out_dir) if resume else 0
     metrics = out_dir / "metrics.jsonl"
-    if metrics.exists():  # records after the checkpoint will be logged again
+    main = dist.is_main()  # under torchrun only rank 0 writes files
+    if metrics.exists() and main:  # records after the checkpoint will be logged again
         keep = [r for r in read_jsonl(metrics) if r.get("step", 0) <= start]
         atomic_write_text(metrics, "".join(json.dumps(r) + "\n" for r in keep))
     t0 = time.time()
     model.train()
-    bar = progress_bar(range(start, plan.total_steps), desc="sft", enabled=show_progress, initial=start, total=plan.total_steps)
+    bar = progress_bar(range(start, plan.total_steps), desc="sft", enabled=show_progress and main, initial=start,
+                       total=plan.total_steps)
     for step in bar:
         record = sft_step(policy, opt, plan.micro_batches(step, tokenizer.pad_token_id), cfg,
                           lr_at(step, plan.total_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr_frac))
         record.update(step=step + 1, epoch=step // plan.steps_per_epoch, time=time.time() - t0)
-        append_jsonl(metrics, record)
+        if main:
+            append_jsonl(metrics, record)
         bar.set_postfix(loss=f"{record['loss']:.3f}")
         if (step + 1) % max(1, cfg.save_every) == 0 and step + 1 < plan.total_steps:
             _save(policy, opt, out_dir, step + 1, config_yaml, cfg.keep_checkpoints)
     model.eval()
+    weights = dist.full_state_dict(model) if dist.is_sharded(policy.module) else None  # FSDP2: gathered (collective)
+    if not main:
+        dist.barrier()
+        return {}
     log = read_jsonl(metrics) if metrics.exists() else []
     summary = {"steps": plan.total_steps, "resumed_from": start, "examples": len(examples),
                "steps_per_epoch": plan.steps_per_epoch, "trained_tokens": sum(r["tokens"] for r in log),
@@ -305,31 +323,38 @@ def train_sft(policy: Policy, examples: list[SFTExample], cfg: SFTConfig, out_di
                "seconds": time.time() - t0, "params": policy.parameter_counts(),
                "peak_memory_mb": policy.peak_memory_mb()}
     with atomic_dir(out_dir / "model") as tmp:
-        policy.save(tmp)
+        policy.save(tmp, state_dict=weights)
     atomic_write_json(out_dir / "sft.json", summary)
+    dist.barrier()
     return summary
 
 
 def sft_step(policy: Policy, opt, micro: list[SFTBatch], cfg: SFTConfig, lr: float) -> dict[str, float]:
-    """One optimizer step over its micro-batches; the loss is the mean over the step's trained tokens."""
-    n_tokens = max(1, sum(b.num_tokens for b in micro))
+    """One optimizer step over its micro-batches; the loss is the mean over the step's trained tokens (of
+    every rank: each rank's gradient is then its part of the sum, and gradients are summed over ranks)."""
+    n_tokens = max(1, int(dist.all_reduce_sum(sum(b.num_tokens for b in micro))))
     for g in opt.param_groups:
         g["lr"] = lr
     opt.zero_grad(set_to_none=True)
     total = 0.0
-    for b in micro:
-        with policy.autocast():
-            loss = completion_loss_sum(policy.model, b.to(policy.device)) / n_tokens
-        loss.backward()
+    for j, b in enumerate(micro):
+        with dist.grad_sync(policy.model, j == len(micro) - 1):  # DDP: only the last micro-batch all-reduces
+            with policy.autocast():
+                loss = completion_loss_sum(policy.model, b.to(policy.device)) / n_tokens
+            loss.backward()
         total += loss.item()
+    total = float(dist.all_reduce_sum(total))
     grad_norm = policy.clip_grad_norm(cfg.grad_clip)
     opt.step()
     return {"loss": total, "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens}
 
 
 def _save(policy: Policy, opt, out_dir: Path, step: int, config_yaml: str, keep: int) -> None:
-    state = {"step": step, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()}
-    save_checkpoint(out_dir / "checkpoints", step, policy, state, config_yaml, keep=keep)
+    weights = dist.full_state_dict(policy.module) if dist.is_sharded(policy.module) else None  # collective
+    state = {"step": step, "optimizer": dist.full_optimizer_state(policy.module, opt), "torch_rng": torch.get_rng_state()}
+    if dist.is_main():
+        save_checkpoint(out_dir / "checkpoints", step, policy, state, config_yaml, keep=keep, state_dict=weights)
+    dist.barrier()
 
 
 def _resume(policy: Policy, opt, out_dir: Path) -> int:
@@ -339,6 +364,7 @@ def _resume(policy: Policy, opt, out_dir: Path) -> int:
         return 0
     policy.load_weights(ckpt / "model")
     state = load_trainer_state(ckpt)
-    opt.load_state_dict(state["optimizer"])
+    dist.load_full_optimizer_state(policy.module, opt, state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     return int(state["step"])
+

@@ -1,0 +1,110 @@
+"""Training runs that tests/test_dist.py runs twice: in the test process (one process) and under
+`torchrun --nproc-per-node 2 tests/dist_scenarios.py OUT_DIR NAME...` (gloo, 2 ranks), where rank 0
+saves each run's final parameters to OUT_DIR/NAME.pt. A scenario named "crash" fails on rank 1 while
+rank 0 waits in a collective: the job must end, naming the rank.
+"""
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script by torchrun
+    sys.path.insert(0, str(ROOT))
+
+from r1kit import dist  # noqa: E402
+from r1kit.config import RunConfig, SFTConfig, load_config  # noqa: E402
+from r1kit.corpus import build_corpus  # noqa: E402
+from r1kit.policy import Policy  # noqa: E402
+from r1kit.rewards import REWARD_FUNCS, register_reward  # noqa: E402
+from r1kit.tasks import make_task  # noqa: E402
+from tests.helpers import tiny_pair  # noqa: E402
+
+if "test_sevens" not in REWARD_FUNCS:
+    @register_reward("test_sevens")
+    def sevens(completion: str, problem) -> float:
+        """A dense reward: the share of characters that are '7' (random models get a spread of it)."""
+        return completion.count("7") / max(1, len(completion))
+
+
+def _policy(strategy: str) -> Policy:
+    model, tok = tiny_pair(layers=2, seed=0)
+    policy = Policy(model.train(), tok, device="cpu")
+    policy.wrap(lambda m: dist.wrap(m, strategy))
+    return policy
+
+
+def grpo_cfg(out: Path, strategy: str, *extra: str) -> RunConfig:
+    return load_config(RunConfig, None, [
+        "log.progress=false", "log.tensorboard=false", "log.sample_every=0", "log.save_every=0", "eval.every=0",
+        "grpo.steps=3", "grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.max_new_tokens=8",
+        "grpo.micro_batch_size=4", "grpo.lr=1e-3", "grpo.reward_weights={test_sevens: 1.0}",
+        "grpo.rollout_seeds=group", f"dist.strategy={strategy}", f"output_dir={out}", "name=grpo", *extra])
+
+
+def run_grpo(out: Path, strategy: str, *extra: str, resume: bool = False) -> dict[str, torch.Tensor]:
+    from r1kit.trainers.grpo import GRPOTrainer
+
+    cfg = grpo_cfg(out, strategy, *extra)
+    policy = _policy(strategy)
+    task = make_task("arithmetic", min_digits=1, max_digits=2, num_test=5)
+    GRPOTrainer(cfg, policy, task, cfg.run_dir).train(resume=resume)
+    return dist.full_state_dict(policy.module)
+
+
+def sft_examples(n: int = 48):
+    from r1kit.trainers.sft import encode_record
+
+    _, tok = tiny_pair(layers=2, seed=0)
+    task = make_task("arithmetic", min_digits=1, max_digits=2, num_test=5)
+    docs = build_corpus(task, n, 0.5, 0.2, "r1_zero", random.Random(1))
+    return [encode_record({"prompt": d.prompt, "completion": d.completion}, tok, f"doc {i}") for i, d in enumerate(docs)]
+
+
+def run_sft(out: Path, strategy: str) -> dict[str, torch.Tensor]:
+    from r1kit.trainers.sft import train_sft
+
+    cfg = SFTConfig(seq_len=128, micro_batch_size=2, grad_accum=3, max_steps=3, lr=1e-3, warmup_steps=1, save_every=100)
+    policy = _policy(strategy)
+    train_sft(policy, sft_examples(), cfg, out / f"sft-{strategy}", seed=0)
+    return dist.full_state_dict(policy.module)
+
+
+def crash() -> None:
+    """Rank 1 raises; rank 0 blocks in a collective that rank 1 never joins."""
+    if dist.rank() == 1:
+        raise RuntimeError("forced failure for the crash test")
+    dist.barrier()
+    dist.barrier()
+
+
+SCENARIOS = {
+    "grpo_ddp": lambda out: run_grpo(out / "grpo_ddp", "ddp"),
+    "grpo_fsdp2": lambda out: run_grpo(out / "grpo_fsdp2", "fsdp2"),
+    "sft_ddp": lambda out: run_sft(out, "ddp"),
+    "sft_fsdp2": lambda out: run_sft(out, "fsdp2"),
+    # 2 ranks train 2 steps and checkpoint; the test resumes the 3rd step in one process
+    "grpo_ckpt": lambda out: run_grpo(out / "grpo_ckpt", "ddp", "grpo.steps=2", "log.save_every=2"),
+}
+
+
+def main(out_dir: str, names: list[str]) -> int:
+    out = Path(out_dir)
+    torch.set_num_threads(1)
+    for name in names:
+        if name == "crash":
+            crash()
+            continue
+        params = SCENARIOS[name](out)
+        if dist.is_main():
+            torch.save(params, out / f"{name}.pt")
+        dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    dist.init_from_env()
+    sys.exit(dist.run_main(lambda: main(sys.argv[1], sys.argv[2:])))
