@@ -95,6 +95,7 @@ def test_generate_on_a_truncated_folder_prints_one_line_not_a_traceback(tmp_path
     save_model(model, tok, tmp_path)
     f = tmp_path / "model.safetensors"
     f.write_bytes(f.read_bytes()[:100])
+    capsys.readouterr()  # drop save_pretrained's progress bar
     assert main(["generate", "--model", str(tmp_path), "--prompt", "1+2"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("r1kit generate: error:") and "truncated or corrupt" in err and err.count("\n") == 1
