@@ -19,7 +19,9 @@ Departure from the paper: a CoT with no language words at all (pure digits) scor
 """
 from __future__ import annotations
 
+import functools
 import os
+import re
 import unicodedata
 from collections import Counter
 from typing import Sequence
@@ -75,19 +77,27 @@ def target_script(lang: str) -> str:
                      f"or a script {sorted(SCRIPT_RANGES)}")
 
 
+@functools.lru_cache(maxsize=1)
+def _word_scanner() -> tuple[dict[int, str], re.Pattern, dict[str, str]]:
+    """(translation table, run regex, code -> script). The table maps every letter of a known script to a
+    one-character code of its script (and the codes themselves to spaces), so that a small regex over the
+    translated text finds the words in C. Built once, on first use (~100k letters, ~30 ms)."""
+    codes = {script: chr(1 + i) for i, script in enumerate(SCRIPT_RANGES)}
+    table = {ord(code): " " for code in codes.values()}
+    for script, ranges in SCRIPT_RANGES.items():
+        for lo, hi in ranges:
+            table.update((cp, codes[script]) for cp in range(lo, hi + 1) if chr(cp).isalpha())
+    runs = re.compile("|".join(re.escape(code) + ("" if script in _SPLIT_EVERY_CHAR else "+")
+                               for script, code in codes.items()))
+    return table, runs, {code: script for script, code in codes.items()}
+
+
 def word_scripts(text: str) -> list[str]:
     """The script of every word of `text`, in order. A word is a maximal run of letters of one script
-    (a CJK ideograph is a word on its own); characters of no script end a word and are dropped."""
-    words: list[str] = []
-    current = None  # script of the run being read
-    for ch in unicodedata.normalize("NFC", text):
-        s = script_of(ch)
-        if s is None:
-            current = None
-        elif s in _SPLIT_EVERY_CHAR or s != current:
-            words.append(s)
-            current = s
-    return words
+    (a CJK ideograph is a word on its own); characters of no script end a word and are dropped.
+    (Same result as calling `script_of` on each character, ~3x faster: it is a reward on 100k-char texts.)"""
+    table, runs, names = _word_scanner()
+    return [names[w[0]] for w in runs.findall(unicodedata.normalize("NFC", text).translate(table))]
 
 
 def reasoning_text(completion: str) -> str:

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import atexit
 import importlib.util
+import math
 import os
+import re
 import queue
 import subprocess
 import sys
@@ -42,7 +44,108 @@ _WORKERS_ENV = "R1KIT_VERIFY_WORKERS"
 
 class VerifyResult(NamedTuple):
     correct: bool
-    reason: str  # "correct" | "wrong value" | "unparseable" | "timeout" | "worker error"
+    reason: str  # "correct" | "wrong value" | "unparseable" | "timeout" | "worker error" | "too costly: ..."
+
+
+# ----------------------------------------------------------------------------- static pre-check
+# Answers whose verification would cost seconds (sympy evaluates numbers exactly) are refused before any worker
+# sees them, in well under a millisecond: power towers and huge exponents (9^{9^{9^{9}}}), huge factorials
+# (10^{10^{10^{10}}}!, 100000!), deep nesting (3,000 braces). No real answer is like that; a reward hacker's is.
+MAX_NESTING = 30
+MAX_EXPONENT = 10_000  # 2^{10000} has 3,011 digits: instant; 9^{99999999} is not
+MAX_FACTORIAL = 1_000
+_NUMBER_TEXT = re.compile(r"[+-]?\d+(?:\.\d+)?")
+
+
+def _nesting(s: str) -> int:
+    depth = best = 0
+    for i, ch in enumerate(s):
+        if ch in "({[" and not (ch == "{" and i and s[i - 1] == "\\"):
+            depth += 1
+            best = max(best, depth)
+        elif ch in ")}]" and depth:
+            depth -= 1
+    return best
+
+
+def _group_end(s: str, i: int) -> int:
+    """Index just past the balanced group that opens at s[i] ("{", "(" or "[")."""
+    close = {"{": "}", "(": ")", "[": "]"}[s[i]]
+    depth = 0
+    for j in range(i, len(s)):
+        if s[j] == s[i]:
+            depth += 1
+        elif s[j] == close:
+            depth -= 1
+            if depth == 0:
+                return j + 1
+    return len(s)
+
+
+def _operand_after(s: str, i: int, depth: int = 0) -> str:
+    """The exponent that starts at s[i]: a {group}, a (group), a number or one character, with any further
+    `^...` of a chain (a^b^c is a^(b^c))."""
+    while i < len(s) and s[i] == " ":
+        i += 1
+    if i >= len(s) or depth > MAX_NESTING:
+        return ""
+    if s[i] in "{([":
+        end = _group_end(s, i)
+        token, inner = s[i:end], s[i + 1 : end - 1]
+    else:
+        m = _NUMBER_TEXT.match(s, i)
+        token = inner = m.group(0) if m else s[i]
+        end = i + len(token)
+    rest = s[end:].lstrip()
+    if rest.startswith("^"):
+        return token + "^" + _operand_after(rest, 1, depth + 1)
+    return inner
+
+
+def _unwrap(text: str) -> str:
+    text = text.strip()
+    while text[:1] in ("{", "(") and _group_end(text, 0) == len(text):
+        text = text[1:-1].strip()
+    return text
+
+
+def _value(text: str, depth: int = 0) -> float | None:
+    """The size of a purely numeric exponent expression (a number, or number^exponent), inf when huge;
+    None when it is not numeric (then sympy keeps it symbolic, which is cheap)."""
+    text = _unwrap(text)
+    if depth > MAX_NESTING or not text:
+        return None
+    if _NUMBER_TEXT.fullmatch(text):
+        return abs(float(text))
+    m = _NUMBER_TEXT.match(text)
+    if m and text[m.end():].lstrip().startswith("^"):
+        base = abs(float(m.group(0)))
+        exponent = _value(_operand_after(text, text.index("^", m.end()) + 1), depth + 1)
+        if exponent is None or base <= 1:
+            return None if exponent is None else base
+        return math.inf if exponent * math.log10(base) > 300 else base**exponent
+    return None
+
+
+def too_costly(answer: str) -> str | None:
+    """Why verifying `answer` could take seconds (a power tower, a huge exponent or factorial, deep nesting),
+    or None when it is cheap. Static: looks at the text only, in linear time."""
+    if _nesting(answer) > MAX_NESTING:
+        return f"nested more than {MAX_NESTING} deep"
+    s = answer.replace("**", "^")
+    for i, ch in enumerate(s):
+        if ch == "^":
+            exponent = _value(_operand_after(s, i + 1))
+            if exponent is not None and exponent > MAX_EXPONENT:
+                return f"an exponent above {MAX_EXPONENT}"
+        elif ch == "!" and i and s[i - 1] != "\\" and not s.startswith("!=", i):
+            before = s[:i].rstrip()
+            m = re.search(r"(\d+)$", before)
+            if m and int(m.group(1)[-6:]) > MAX_FACTORIAL or (m and len(m.group(1)) > 6):
+                return f"a factorial above {MAX_FACTORIAL}!"
+            if before.endswith(("}", ")", "]")) and ("^" in before or "!" in before[:-1]):
+                return "a factorial of a power or factorial"
+    return None
 
 
 def _braces_balanced(s: str) -> bool:
@@ -87,11 +190,24 @@ def _worker_verify(parse, verify, gold_cache: dict, pred: str, gold: str) -> tup
     return (True, "correct") if ok else (False, "wrong value")
 
 
+def _die_with_parent(parent: int) -> None:
+    """The sandbox's process management (r1kit/sandbox/server.py, standard library only, loaded by path so
+    that the worker imports neither r1kit nor torch): SIGKILL this worker when its parent dies, even by
+    kill -9, so a worker busy on an adversarial answer is never left spinning, re-parented to PID 1."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sandbox", "server.py")
+    spec = importlib.util.spec_from_file_location("_r1kit_sandbox_server", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.die_with_parent(parent)
+
+
 def _worker_main() -> None:
     """Serve (pred, gold) requests from stdin until EOF (the parent closed the pipe or died)."""
     import logging
     import signal
 
+    if len(sys.argv) > 1:
+        _die_with_parent(int(sys.argv[1]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it kills us
     try:
         import resource
@@ -134,7 +250,7 @@ class _Worker:
         # -P: do not put this file's directory (r1kit/rewards) first on sys.path, where graders.py and
         # friends could shadow a library module of the same name.
         self.proc = subprocess.Popen(
-            [sys.executable, "-P", os.path.abspath(__file__)],
+            [sys.executable, "-P", os.path.abspath(__file__), str(os.getpid())],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
         )
         self.tx = Connection(os.dup(self.proc.stdin.fileno()), readable=False)
@@ -341,25 +457,33 @@ def _verify_uncached(pred: str, gold: str, timeout_s: float) -> VerifyResult:
     return result
 
 
-def verify_math(pred: str, gold: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> VerifyResult:
+def verify_math(pred: str, gold: str, timeout_s: float = DEFAULT_TIMEOUT_S, *, precheck: bool = True) -> VerifyResult:
     """Is the extracted answer `pred` mathematically equal to the reference `gold`?
 
     Both are bare answers (no `$`, no `\\boxed`): they are wrapped for math-verify here. Blocks for at
     most `timeout_s` once a worker is free (plus its start-up, the first time); safe from any thread.
+    An answer that `too_costly` refuses is wrong at once ("too costly: ..."); precheck=False skips that check.
     """
     _check(pred, gold, timeout_s)
+    costly = too_costly(pred) if precheck else None
+    if costly is not None:
+        return VerifyResult(False, f"too costly: {costly}")
     hit = _CACHE.get((pred, gold))
     return hit if hit is not None else _verify_uncached(pred, gold, timeout_s)
 
 
-def verify_math_many(pairs: Sequence[tuple[str, str]], timeout_s: float = DEFAULT_TIMEOUT_S) -> list[VerifyResult]:
+def verify_math_many(pairs: Sequence[tuple[str, str]], timeout_s: float = DEFAULT_TIMEOUT_S, *,
+                     precheck: bool = True) -> list[VerifyResult]:
     """`verify_math` over (pred, gold) pairs, the distinct uncached ones spread over the pool's workers.
 
     Wall time is about ceil(distinct / workers) verifications; each one is still capped at `timeout_s`.
     """
     for pred, gold in pairs:
         _check(pred, gold, timeout_s)
-    results: list[VerifyResult | None] = [_CACHE.get((p, g)) for p, g in pairs]
+    results: list[VerifyResult | None] = []
+    for p, g in pairs:
+        costly = too_costly(p) if precheck else None
+        results.append(VerifyResult(False, f"too costly: {costly}") if costly is not None else _CACHE.get((p, g)))
     todo = list(dict.fromkeys(pair for pair, r in zip(pairs, results) if r is None))  # distinct, in order
     if len(todo) == 1:
         done = {todo[0]: _verify_uncached(*todo[0], timeout_s)}
@@ -370,6 +494,7 @@ def verify_math_many(pairs: Sequence[tuple[str, str]], timeout_s: float = DEFAUL
     else:
         done = {}
     return [r if r is not None else done[pair] for pair, r in zip(pairs, results)]
+
 
 
 def clear_cache() -> None:
