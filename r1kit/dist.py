@@ -271,8 +271,8 @@ def wrap(module: torch.nn.Module, strategy: str = "ddp", *, field: str = "dist.s
     mesh = init_device_mesh(device.type, (world(),))
     layers = _decoder_layers(module)
     for layer in layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(module, mesh=mesh)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    fully_shard(module, mesh=mesh, reshard_after_forward=True)
     for m in [*layers, module]:  # the settings are per sharded module
         m.set_gradient_divide_factor(1.0)
         m.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
@@ -327,10 +327,14 @@ def full_params(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
     sharded = [m for m in module.modules() if isinstance(m, FSDPModule)]
     for m in sharded:
         m.unshard()
+        # forwards inside the block (the engine's HF path, evaluation on rank 0 alone) must not reshard, or
+        # the next forward would all-gather: a collective the other ranks never join
+        m.set_reshard_after_forward(False)
     try:
         yield module
     finally:
         for m in sharded:
+            m.set_reshard_after_forward(True)  # as `wrap` shards them
             m.reshard()
 
 

@@ -275,7 +275,9 @@ class Policy:
         if self.peft is None:
             save_model(self.module, self.tokenizer, folder, state_dict=state_dict)
             return
-        self.peft.save_pretrained(str(folder), safe_serialization=True)
+        if state_dict is not None:  # the gathered weights of `module`, keyed as the PeftModel's own
+            state_dict = {f"base_model.model.{k}": v for k, v in state_dict.items()}
+        self.peft.save_pretrained(str(folder), safe_serialization=True, state_dict=state_dict)
         save_tokenizer(self.tokenizer, folder)
 
     def load_weights(self, folder: str | Path) -> None:
