@@ -23,12 +23,11 @@ from tests import dist_scenarios as sc
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
-pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
 
 
 def _torchrun(out: Path, *names: str, timeout: float = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "R1KIT_DIST_TIMEOUT": "60", "PYTHONPATH": str(ROOT)}
-    cmd = [shutil.which("torchrun"), "--standalone", "--nproc-per-node", "2", str(ROOT / "tests" / "dist_scenarios.py"),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(ROOT / "tests" / "dist_scenarios.py"),
            str(out), *names]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 

@@ -1,0 +1,78 @@
+"""Seconds per GRPO step of the R1-Zero default on this machine: one process with 2 threads against
+`torchrun --nproc-per-node 2` with 1 thread per process, side by side on one base model.
+
+    python benchmarks/bench_dist.py --base runs/zero-tiny-ddp/base [--steps 12] [--out runs/bench-dist]
+
+Three runs of `r1kit zero` from the same base (stage 0 skipped), the embedded default's RL settings
+(16 prompts x 8 samples, 96 new tokens), held-out evaluation only before and after (not timed):
+  1 process x 2 threads, rollout_seeds=batch  (the single-process default)
+  1 process x 2 threads, rollout_seeds=group  (what a data-parallel run samples, in one process)
+  2 processes x 1 thread (torchrun, DDP, gloo; rollout_seeds=auto = group)
+The figures are medians over steps 2..N of `time/step` and its phases from each run's metrics.jsonl.
+Writes benchmarks/results/dist.{json,md}. The machine is shared: say how loaded it was with the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PHASES = ("time/step", "time/generate", "time/score", "time/update")
+
+
+def run(name: str, launcher: list[str], base: Path, out: Path, steps: int, extra: list[str]) -> dict:
+    args = ["zero", f"model.path={base}", f"name={name}", f"output_dir={out}", f"grpo.steps={steps}", "eval.every=0",
+            "eval.num_problems=50", "log.save_every=0", "log.progress=false", "log.tensorboard=false", *extra]
+    shutil.rmtree(out / name, ignore_errors=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1" if "torchrun" in launcher[0] else "2"}
+    t0 = time.time()
+    subprocess.run([*launcher, *args], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    wall = time.time() - t0
+    records = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
+    steps_ = [r for r in records if r.get("step", 0) >= 2 and "time/step" in r]  # step 1 warms up
+    res = {k: statistics.median(r[k] for r in steps_) for k in PHASES if all(k in r for r in steps_)}
+    res.update(wall_s=wall, steps=len(steps_), reward_last=records[-1].get("reward"))
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", type=Path, required=True, help="a pretrained base model folder (stage 0's output)")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-dist")
+    ns = ap.parse_args()
+    py = [sys.executable, "-m", "r1kit"]
+    torchrun = [shutil.which("torchrun") or "torchrun", "--standalone", "--nproc-per-node", "2", "-m", "r1kit"]
+    configs = {
+        "1 process x 2 threads (rollout_seeds=batch)": (py, ["threads=2", "grpo.rollout_seeds=batch"]),
+        "1 process x 2 threads (rollout_seeds=group)": (py, ["threads=2", "grpo.rollout_seeds=group"]),
+        "2 processes x 1 thread (torchrun, DDP)": (torchrun, ["threads=1"]),
+    }
+    load = os.getloadavg()[0]
+    results = {label: run(f"bench-{i}", launcher, ns.base.resolve(), ns.out.resolve(), ns.steps, extra)
+               for i, (label, (launcher, extra)) in enumerate(configs.items())}
+    ref = results[next(iter(results))]["time/step"]
+    rows = ["| setting | s/step | generate | score | update | speed-up vs 1x2 |", "|---|---|---|---|---|---|"]
+    for label, r in results.items():
+        rows.append(f"| {label} | {r['time/step']:.3f} | {r['time/generate']:.3f} | {r['time/score']:.3f} | "
+                    f"{r['time/update']:.3f} | {ref / r['time/step']:.2f}x |")
+    note = (f"Medians over steps 2..{ns.steps} of the zero-tiny default (16 x 8, 96 new tokens) from base "
+            f"`{ns.base}`; load average {load:.1f} on {os.cpu_count()} cores when it started (shared machine).")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "dist.json").write_text(json.dumps({"results": results, "load_avg_start": load,
+                                                   "cores": os.cpu_count(), "steps": ns.steps}, indent=2))
+    (RESULTS / "dist.md").write_text("\n".join(rows) + "\n\n" + note + "\n")
+    print("\n".join(rows) + "\n\n" + note)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
