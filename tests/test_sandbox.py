@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -109,6 +112,32 @@ def test_a_dead_server_is_restarted():
     os.kill(pool._server.proc.pid, signal.SIGKILL)
     pool._server.proc.wait()
     assert run_program("print(7)").stdout == "7\n"
+
+
+SENTINEL_SCRIPT = """
+import subprocess, sys
+from r1kit.sandbox import Limits, check_asserts, run_cases
+from r1kit.sandbox.pool import SandboxPool
+sentinel = subprocess.Popen(["sleep", "60"])
+with SandboxPool(2, isolate=False) as pool:
+    run_cases("import os\\nos.fork()\\nwhile True: pass", ["", ""], Limits(timeout_s=0.3), pool=pool)
+    check_asserts("def f(x): return x", "f", ["assert candidate(1) == 1"], pool=pool)
+print("sentinel alive" if sentinel.poll() is None else "sentinel killed")
+sentinel.kill()
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare(1)")
+def test_without_namespaces_cleanup_never_signals_other_processes(tmp_path):
+    """Regression: the non-isolated path once cleaned up with kill(-1), which as root kills every process on
+    the machine. This runs it inside a pid namespace of its own (so a regression is contained) next to a
+    sentinel process, which must survive."""
+    script = tmp_path / "sentinel.py"
+    script.write_text(SENTINEL_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, str(script)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert "sentinel alive" in out.stdout, out.stdout + out.stderr
 
 
 def test_limits_are_validated():

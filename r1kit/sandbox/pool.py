@@ -106,7 +106,7 @@ class SandboxPool:
     report (a dict). Thread-safe. Close it (or use it as a context manager) to stop the server.
     """
 
-    def __init__(self, workers: int | None = None, tmp_root: str | None = None) -> None:
+    def __init__(self, workers: int | None = None, tmp_root: str | None = None, isolate: bool | None = None) -> None:
         workers = workers if workers is not None else (os.cpu_count() or 1)
         if not isinstance(workers, int) or workers < 1:
             raise R1KitError(f"sandbox workers must be a positive integer, got {workers!r}")
@@ -117,8 +117,11 @@ class SandboxPool:
         self._server: _Server | None = None
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="r1kit-sandbox")
         self.closed = False
-        self.isolated = self._ensure_server().isolated
-        if not self.isolated:
+        available = self._ensure_server().isolated
+        if isolate and not available:
+            raise R1KitError("sandbox: isolate=True, but namespaces cannot be created here (needs root or user namespaces)")
+        self.isolated = available if isolate is None else bool(isolate)
+        if not available:
             log.warning("sandbox: cannot create network/mount/pid namespaces here (needs root or user "
                         "namespaces); programs run with rlimits and process groups only: they CAN use the "
                         "network and write files the current user may write")

@@ -93,11 +93,19 @@ def _check(rc: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def kill_namespace_and_reap() -> None:
-    """From pid 1 of a namespace: SIGKILL every other process in it and reap them all."""
+def kill_job_and_reap(pid: int) -> None:
+    """After a program (child `pid`) ended: SIGKILL whatever it left running, and reap.
+
+    Inside the job's pid namespace (this process is its pid 1), kill(-1) reaches exactly the processes of the
+    namespace. Anywhere else kill(-1) would signal every process the caller may signal, as root the whole
+    machine, so without a namespace only the program's process group is killed (a program that called
+    setsid() escapes it: one of the guarantees lost without namespaces)."""
     try:
-        os.kill(-1, signal.SIGKILL)
-    except ProcessLookupError:
+        if os.getpid() == 1:
+            os.kill(-1, signal.SIGKILL)
+        else:
+            os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
         pass
     while True:
         try:
@@ -362,7 +370,7 @@ def stdio_cases(job: dict, out: int) -> None:
         for fd in (fin, fo, fe):
             os.close(fd)
         status = wait_pid(pid, start + job["limits"]["timeout_s"])
-        kill_namespace_and_reap()
+        kill_job_and_reap(pid)
         res = {"seconds": time.monotonic() - start}
         res.update({"timeout": True} if status is None else _status(status))
         res["stdout"], res["stderr"] = _outputs(i, job)
@@ -397,6 +405,8 @@ def assert_tests(job: dict, jobfd: int, out: int) -> None:
     cap = job["limits"]["output_bytes"]
     from_harness["stdout"], from_harness["stderr"] = (os.pread(fd, cap, 0).decode("utf-8", "replace") for fd in keep)
     write_frame(out, from_harness)
+    if not job["isolated"]:  # no namespace to take the candidate down with us
+        kill_job_and_reap(pid)
 
 
 class CandidateError(Exception):
