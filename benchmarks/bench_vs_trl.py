@@ -15,7 +15,12 @@ An r1kit step is the wall time of `GRPOTrainer.step()`.
 
     pip install "trl==1.16.*"      # optional, benchmark-only; not an r1kit dependency
     python benchmarks/bench_vs_trl.py [--steps 8] [--warmup 2] [--round 2] [--threads 1]
-Writes benchmarks/results/vs_trl.json and benchmarks/results/vs_trl.md.
+        [--packed] [--beta 0.04] [--max-new 256] [--tag NAME]
+Writes benchmarks/results/vs_trl[_NAME].json and .md. `--packed` sets grpo.packed_update (r1kit's packed,
+shared-prefix update); `--beta` > 0 gives both trainers a frozen reference copy of the initial weights.
+The r1kit phase split (generate, score, logprobs, update) and the update phase's model FLOP utilisation
+(MFU: 6 x parameters x tokens of each completion with its prompt, over the update's seconds and the
+fp32 matmul peak of ../shared/NOTES.md, 100 GFLOP/s on 2 threads) are in the output.
 """
 from __future__ import annotations
 
@@ -54,13 +59,16 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from r1kit.config import ModelConfig, RunConfig, TaskConfig, load_config  # noqa: E402
 from r1kit.corpus import build_corpus  # noqa: E402
 from r1kit.model import build_tiny_model, load_model, save_model, train_tokenizer  # noqa: E402
+from r1kit.policy import Policy  # noqa: E402
 from r1kit.rewards import BATCH_REWARD_FUNCS  # noqa: E402
 from r1kit.tasks import make_task  # noqa: E402
 from r1kit.templates import render_prompt  # noqa: E402
 from r1kit.trainers.grpo import GRPOTrainer  # noqa: E402
 from r1kit.types import Problem  # noqa: E402
 
-PROMPTS, GROUP, MAX_NEW, LR, SEED = 4, 8, 64, 1e-4, 0
+PROMPTS, GROUP, LR, SEED = 4, 8, 1e-4, 0
+PEAK_GFLOPS = {1: 50.0, 2: 100.0}  # fp32 matmul peak on this CPU by thread count (NOTES.md "Compute")
+PHASES = ("generate", "score", "logprobs", "update")
 REWARD_WEIGHTS = {"accuracy": 1.0, "format": 0.1}  # r1kit's defaults, given to both trainers
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -141,6 +149,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per trainer first")
     ap.add_argument("--round", type=int, default=2, help="steps of one trainer before switching to the other")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--packed", action="store_true", help="r1kit: grpo.packed_update=true")
+    ap.add_argument("--beta", type=float, default=0.0, help="KL coefficient for both (a reference model when > 0)")
+    ap.add_argument("--max-new", type=int, default=64, help="max new tokens per completion, both")
+    ap.add_argument("--tag", default="", help="suffix of the result files (vs_trl_TAG.json)")
     ns = ap.parse_args()
     if ns.steps % ns.round or ns.warmup % ns.round:
         ap.error("--steps and --warmup must be multiples of --round")
@@ -165,23 +177,29 @@ def main() -> None:
 
         # ---- r1kit ------------------------------------------------------------------------------
         cfg = load_config(RunConfig, None, [
-            f"grpo.prompts_per_step={PROMPTS}", f"grpo.group_size={GROUP}", f"grpo.max_new_tokens={MAX_NEW}",
-            "grpo.beta=0.0", "grpo.temperature=1.0", "grpo.top_p=1.0", f"grpo.lr={LR}", "grpo.updates_per_batch=1",
+            f"grpo.prompts_per_step={PROMPTS}", f"grpo.group_size={GROUP}", f"grpo.max_new_tokens={ns.max_new}",
+            f"grpo.beta={ns.beta}", f"grpo.packed_update={str(ns.packed).lower()}", "grpo.temperature=1.0",
+            "grpo.top_p=1.0", f"grpo.lr={LR}", "grpo.updates_per_batch=1",
             "grpo.micro_batch_size=32", "grpo.grad_clip=1.0", "grpo.weight_decay=0.0", "model.dtype=float32",
             f"grpo.steps={total}", "log.progress=false", "log.tensorboard=false", "log.save_every=0",
             "log.sample_every=0", "eval.every=0", f"output_dir={tmp / 'r1kit'}", "name=vs_trl", f"seed={SEED}"])
         cfg.grpo.reward_weights = dict(REWARD_WEIGHTS)
         r1_task = FixedOrderTask(problems)
-        r1 = GRPOTrainer(cfg, r1_model, r1_tok, r1_task, cfg.run_dir)
+        r1_ref = load_model(tmp / "init")[0].eval() if ns.beta > 0 else None
+        r1 = GRPOTrainer(cfg, Policy(r1_model, r1_tok, device="cpu"), r1_task, cfg.run_dir, ref_model=r1_ref)
         r1_times: list[float] = []
         r1_tokens: list[int] = []
+        r1_phases: list[dict[str, float]] = []
 
         def run_r1kit_round(n: int) -> None:
             for _ in range(n):
                 t = time.perf_counter()
-                _, batch = r1.step()
+                record, batch = r1.step()
                 r1_times.append(time.perf_counter() - t)
                 r1_tokens.append(int(batch.rollout.lengths.sum()))
+                ro = batch.rollout  # tokens of each completion with its prompt: the unshared computation's
+                r1_phases.append({**{p: record.get(f"time/{p}", 0.0) for p in PHASES},
+                                  "model_tokens": float(ro.prompt_mask.sum() + ro.completion_mask.sum())})
 
         # ---- TRL --------------------------------------------------------------------------------
         ds = Dataset.from_dict({"prompt": [render_prompt(p.question, task_cfg.template) for p in problems],
@@ -189,8 +207,8 @@ def main() -> None:
         trl_args = TRLGRPOConfig(
             output_dir=str(tmp / "trl"), max_steps=total, seed=SEED,
             per_device_train_batch_size=PROMPTS * GROUP, gradient_accumulation_steps=1, steps_per_generation=1,
-            num_generations=GROUP, num_iterations=1, max_completion_length=MAX_NEW, temperature=1.0, top_p=1.0,
-            top_k=0, beta=0.0, loss_type="grpo", scale_rewards="group", epsilon=0.2,
+            num_generations=GROUP, num_iterations=1, max_completion_length=ns.max_new, temperature=1.0, top_p=1.0,
+            top_k=0, beta=ns.beta, loss_type="grpo", scale_rewards="group", epsilon=0.2,
             reward_weights=[REWARD_WEIGHTS["accuracy"], REWARD_WEIGHTS["format"]],
             learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
             adam_beta1=0.9, adam_beta2=0.99, adam_epsilon=1e-8, weight_decay=0.0, max_grad_norm=1.0,
@@ -219,6 +237,10 @@ def main() -> None:
     r1_res = summarize(r1_times[w:], r1_tokens[w:])
     ratio_median = trl_res["median_s_per_step"] / r1_res["median_s_per_step"]
     ratio_mean = trl_res["mean_s_per_step"] / r1_res["mean_s_per_step"]
+    r1_res["phases_median_s"] = {p: statistics.median(x[p] for x in r1_phases[w:]) for p in PHASES}
+    mfu = [6 * params * x["model_tokens"] / x["update"] / (PEAK_GFLOPS.get(ns.threads, 50.0 * ns.threads) * 1e9)
+           for x in r1_phases[w:] if x["update"] > 0]
+    r1_res["update_mfu_median"] = statistics.median(mfu) if mfu else None
 
     command = " ".join(shlex.quote(a) for a in ["python", *[str(Path(sys.argv[0]).resolve().relative_to(ROOT))
                                                              if i == 0 else a for i, a in enumerate(sys.argv)]])
@@ -227,11 +249,11 @@ def main() -> None:
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": md.version("transformers"), "trl": md.version("trl"),
                      "accelerate": md.version("accelerate"), "datasets": md.version("datasets")},
-        "threads": ns.threads, "torch_threads_seen_during_run": sorted(threads_seen), "cpu_count": os.cpu_count(),
+        "threads": ns.threads, "packed_update": ns.packed, "torch_threads_seen_during_run": sorted(threads_seen), "cpu_count": os.cpu_count(),
         "loadavg_before": list(load_before), "loadavg_after": list(load_after),
         "setting": {"params": params, "arch": "llama", "hidden": 256, "layers": 4, "heads": 4, "intermediate": 768,
                     "dtype": "float32", "prompts_per_step": PROMPTS, "group_size": GROUP,
-                    "completions_per_step": PROMPTS * GROUP, "max_new_tokens": MAX_NEW, "beta": 0.0,
+                    "completions_per_step": PROMPTS * GROUP, "max_new_tokens": ns.max_new, "beta": ns.beta,
                     "temperature": 1.0, "top_p": 1.0, "lr": LR, "updates_per_batch": 1,
                     "reward_weights": REWARD_WEIGHTS, "task": f"arithmetic {task_cfg.options}",
                     "template": task_cfg.template},
@@ -243,8 +265,9 @@ def main() -> None:
         "setup_s": setup_s, "wall_s": wall_s,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "vs_trl.json").write_text(json.dumps(out, indent=2) + "\n")
-    (RESULTS / "vs_trl.md").write_text(render_md(out))
+    stem = "vs_trl" + (f"_{ns.tag}" if ns.tag else "")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(render_md(out))
 
     print(f"{'trainer':<8} {'median s':>9} {'mean s':>8} {'tok/step':>9} {'tok/s':>7}")
     for name in ("trl", "r1kit"):
@@ -253,7 +276,10 @@ def main() -> None:
               f"{r['completion_tokens_per_step_mean']:9.1f} {r['completion_tokens_per_s']:7.0f}")
     print(f"TRL / r1kit: {ratio_median:.2f}x (median), {ratio_mean:.2f}x (mean); same prompts: {same_prompts}; "
           f"threads {ns.threads}; load {load_before[0]:.2f} -> {load_after[0]:.2f}; wall {wall_s:.0f} s")
-    print(f"wrote {RESULTS / 'vs_trl.json'} and {RESULTS / 'vs_trl.md'}")
+    ph = r1_res["phases_median_s"]
+    print("r1kit phases (median s): " + ", ".join(f"{p} {ph[p]:.3f}" for p in PHASES)
+          + f"; update MFU {r1_res['update_mfu_median'] or 0:.1%} (packed_update={ns.packed})")
+    print(f"wrote {RESULTS / (stem + '.json')} and {RESULTS / (stem + '.md')}")
 
 
 def render_md(o: dict) -> str:
@@ -273,6 +299,9 @@ def render_md(o: dict) -> str:
 {rows}
 
 **TRL / r1kit: {o['ratio_trl_over_r1kit']['median']:.2f}x (median), {o['ratio_trl_over_r1kit']['mean']:.2f}x (mean).**
+r1kit `grpo.packed_update={o.get('packed_update', False)}`; its phases (median s): {', '.join(f"{p} {v:.3f}" for p, v in r['phases_median_s'].items())};
+update-phase MFU {r['update_mfu_median'] or 0:.1%} (6 x parameters x tokens of each completion with its prompt,
+over the update's seconds and a {PEAK_GFLOPS.get(o['threads'], 50.0 * o['threads']):.0f} GFLOP/s fp32 peak).
 {o['schedule']['timed_steps_each']} timed steps each after {o['schedule']['warmup_steps_each']} warm-up steps each,
 interleaved in rounds of {o['schedule']['round']} (TRL, then r1kit), so load drift hits both. Tokens/s is total
 completion tokens over total step time.
@@ -281,7 +310,7 @@ completion tokens over total step time.
 - {s['params']:,}-parameter Llama-type model (hidden 256, 4 layers, 4 heads, MLP 768, tied embeddings), random
   init, built once, saved, and loaded twice: both trainers start from identical weights; float32.
 - {s['prompts_per_step']} prompts x {s['group_size']} completions = one optimizer step, at most {s['max_new_tokens']}
-  new tokens, temperature 1.0, top-p 1.0 (TRL top-k 0), beta = 0 (no reference model), one update per batch
+  new tokens, temperature 1.0, top-p 1.0 (TRL top-k 0), beta = {s['beta']} (a reference model when > 0), one update per batch
   (TRL num_iterations=1, r1kit updates_per_batch=1), lr {s['lr']:g} constant, AdamW betas (0.9, 0.99), eps 1e-8,
   no weight decay, gradient clipping at 1.0, all 32 rows in one forward/backward.
 - Same prompts in the same order: r1kit's arithmetic task ({s['task']}), R1-Zero template; TRL reads them from an

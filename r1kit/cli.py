@@ -107,13 +107,14 @@ def cmd_generate(argv: list[str]) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="one JSON object per sample")
     ap.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
+    ap.add_argument("--backend", default="local", choices=["local", "vllm"], help="engine (vllm: the `vllm` extra)")
     ns = ap.parse_args(argv)
     from r1kit.policy import Policy
     from r1kit.templates import parse_completion, render_prompt
     from r1kit.trainers.grpo import decode_completions
 
     policy = Policy.load(ns.model, device=ns.device)  # a bad folder is an error naming it
-    tok, eng = policy.tokenizer, policy.make_engine()
+    tok, eng = policy.tokenizer, policy.make_engine(ns.backend)
     texts = [q if ns.template == "none" else render_prompt(q, ns.template) for q in ns.prompt]
     ro = eng.generate([tok(t).input_ids for t in texts], group_size=ns.n, max_new_tokens=ns.max_new_tokens,
                       temperature=ns.temperature, top_p=ns.top_p, generator=policy.generator(ns.seed))

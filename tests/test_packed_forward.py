@@ -223,3 +223,52 @@ def test_bf16_autocast_is_close_to_float32_and_keeps_float32_grads():
     assert 0 < err < 0.1  # bf16 rounding shows, but stays small
     lp.sum().backward()
     assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+
+
+def test_gradient_checkpointing_and_wrappers_fall_back():
+    model = make_model()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert "gradient checkpointing" in packed_problem(model)
+    wrapped = torch.nn.Sequential(make_model())  # e.g. a DDP-style wrapper: no config, no model tree
+    assert packed_problem(wrapped) is not None
+
+
+def test_grpo_trainer_packed_update_equals_the_padded_update(tmp_path):
+    """One GRPOTrainer step (2 updates, micro-batches cutting groups, KL to a reference, entropy bonus,
+    recomputed old logprobs) with grpo.packed_update on and off: the same metrics and weights (float32)."""
+    from r1kit.config import RunConfig, load_config
+    from r1kit.policy import Policy
+    from r1kit.rewards import REWARD_FUNCS, register_reward
+    from r1kit.tasks import make_task
+    from r1kit.trainers.grpo import GRPOTrainer
+    from tests.helpers import tiny_pair
+
+    if "test_length_spread" not in REWARD_FUNCS:
+        register_reward("test_length_spread")(lambda completion, problem: len(completion) % 3 / 2)
+    torch.set_num_threads(1)
+    out = {}
+    for packed_on in (False, True):
+        model, tok = tiny_pair(layers=2)
+        ref, _ = tiny_pair(layers=2)
+        cfg = load_config(RunConfig, None, [
+            "log.progress=false", "log.tensorboard=false", "log.save_every=0", "log.sample_every=0", "eval.every=0",
+            "grpo.prompts_per_step=3", "grpo.group_size=4", "grpo.max_new_tokens=12", "grpo.steps=1",
+            "grpo.updates_per_batch=2", "grpo.micro_batch_size=5", "grpo.beta=0.04", "grpo.entropy_coef=0.01",
+            "grpo.recompute_old_logprobs=true", "grpo.lr=1e-3", "grpo.reward_weights={test_length_spread: 1.0}",
+            f"grpo.packed_update={str(packed_on).lower()}", f"output_dir={tmp_path}", f"name=p{int(packed_on)}"])
+        trainer = GRPOTrainer(cfg, Policy(model, tok, device="cpu"), make_task("arithmetic", min_digits=1, max_digits=2),
+                              cfg.run_dir, ref_model=ref)
+        record, batch = trainer.step()
+        out[packed_on] = (record, batch, {n: p.detach().clone() for n, p in model.named_parameters()})
+    (ra, ba, wa), (rb, bb, wb) = out[False], out[True]
+    assert torch.equal(ba.rollout.completion_ids, bb.rollout.completion_ids)  # same samples
+    assert ba.rollout.lengths.float().std() > 0 and ba.advantages.abs().max() > 0  # ragged, something to learn
+    valid = ba.rollout.completion_mask > 0
+    assert (ba.old_logprobs - bb.old_logprobs)[valid].abs().max() < 1e-5  # recomputed by _forward, packed
+    assert (ba.ref_logprobs - bb.ref_logprobs)[valid].abs().max() < 1e-5
+    for key in ("loss", "pg_loss", "kl", "entropy", "grad_norm", "approx_kl", "clip_frac"):
+        assert abs(ra[key] - rb[key]) <= 1e-5 * max(1.0, abs(ra[key])), key
+    moved = max(float((wa[n] - p).abs().max()) for n, p in tiny_pair(layers=2)[0].named_parameters())
+    assert moved > 1e-4  # the step changed the weights
+    for n in wa:
+        assert (wa[n] - wb[n]).abs().max() <= 1e-5, n

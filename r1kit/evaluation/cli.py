@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--backend", default="local", choices=["local", "vllm"], help="engine (vllm: the `vllm` extra)")
     return ap
 
 
@@ -128,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     except R1KitError as e:
         raise R1KitError(f"--device: {e}") from None
     policy = Policy.load(args.model, device=device, dtype=args.dtype)
-    tokenizer, engine = policy.tokenizer, policy.make_engine()
+    tokenizer, engine = policy.tokenizer, policy.make_engine(args.backend)
     start = time.perf_counter()
     summary = evaluate_problems(
         engine, tokenizer, problems, k=args.k, temperature=args.temperature, top_p=args.top_p,

@@ -53,7 +53,6 @@ from r1kit.checkpoint import latest_checkpoint, load_trainer_state, restore_rng,
 from r1kit.config import GRPO_PRESETS, GRPOConfig, RunConfig, to_dict
 from r1kit.engine import GenerationEngine
 from r1kit.logger import MetricsLogger, NullLogger, plot_curves
-from r1kit.model import token_logprobs
 from r1kit.policy import Policy
 from r1kit.progress import progress_bar
 from r1kit.rewards import score_completions
@@ -61,6 +60,7 @@ from r1kit.rewards.functions import has_reflection
 from r1kit.rewards.shaping import default_overlong_buffer, with_completion_lengths
 from r1kit.templates import render_prompt
 from r1kit.trainers.grpo_batch import Sampled, SamplingStats, StepBatch, collect_groups, generate_groups
+from r1kit.trainers.packed_forward import completion_logprobs
 from r1kit.types import Problem, R1KitError, Rollout
 
 __all__ = ["GRPOTrainer", "KL_MODES", "PRESETS", "Sampled", "SamplingStats", "StepBatch", "check_grpo_options",
@@ -298,9 +298,9 @@ class GRPOTrainer:
         logprobs = torch.zeros_like(rollout.logprobs)  # [N, Tc]
         entropy = torch.zeros_like(rollout.logprobs) if with_entropy else None  # [N, Tc]
         for idx in self._micro_batches(rollout.num_rows):
-            ids, mask, tc = micro_inputs(rollout, idx)
             with self.policy.autocast():
-                lp, ent = token_logprobs(model, ids, mask, tc, self.cfg.grpo.temperature, with_entropy=with_entropy)
+                lp, ent, tc = completion_logprobs(model, rollout, idx, self.cfg.grpo.temperature,
+                                                  packed=self.cfg.grpo.packed_update, with_entropy=with_entropy)
             logprobs[idx, :tc] = lp
             if entropy is not None:
                 entropy[idx, :tc] = ent
@@ -338,10 +338,10 @@ class GRPOTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             micro = self._micro_batches(ro.num_rows)
             for j, idx in enumerate(micro):
-                ids, mask, tc = micro_inputs(ro, idx)
                 with dist.grad_sync(self.policy.model, j == len(micro) - 1), self.policy.autocast():  # DDP: last syncs
-                    logprobs, entropy = token_logprobs(self.policy.model, ids, mask, tc, g.temperature,
-                                                       with_entropy=True, entropy_grad=g.entropy_coef != 0)
+                    logprobs, entropy, tc = completion_logprobs(self.policy.model, ro, idx, g.temperature,
+                                                                packed=g.packed_update, with_entropy=True,
+                                                                entropy_grad=g.entropy_coef != 0)
                 part = lambda x: None if x is None else x[idx, :tc]  # noqa: E731  [B, tc] slice of an [N, Tc]
                 loss, m = policy_objective(
                     logprobs, part(batch.old_logprobs), batch.advantages[idx], part(batch.loss_mask),

@@ -26,6 +26,7 @@ padded forward in float64 (<= 1e-10). Benchmark: benchmarks/bench_vs_trl.py --pa
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -222,12 +223,17 @@ def completion_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """Logprobs (and entropies) [B, tc] of rollout rows `idx` and tc, packed when asked and possible,
     else by the padded `token_logprobs` (the reference computation)."""
-    if packed and packed_problem(model) is None:
-        lay = pack_rows(rollout, idx)
-        window = _sliding_window(model.config)
-        if window is None or int(lay.positions.max()) < window:
-            lp, ent = packed_token_logprobs(model, lay, temperature, with_entropy, entropy_grad)
-            return lp, ent, lay.width
+    if packed:
+        reason = packed_problem(model)
+        if reason is None:
+            lay = pack_rows(rollout, idx)
+            window = _sliding_window(model.config)
+            if window is None or int(lay.positions.max()) < window:
+                lp, ent = packed_token_logprobs(model, lay, temperature, with_entropy, entropy_grad)
+                return lp, ent, lay.width
+            reason = f"a sequence of {int(lay.positions.max()) + 1} tokens exceeds the sliding window {window}"
+        # the default warning filter shows each distinct message once
+        warnings.warn(f"grpo.packed_update: {reason}; using the padded forward", stacklevel=2)
     from r1kit.model import token_logprobs
     from r1kit.trainers.grpo import micro_inputs
 
