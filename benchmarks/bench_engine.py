@@ -17,10 +17,13 @@ package, loaded under another name), e.g. the engine before the request-level sc
     git archive f5671da r1kit/engine | tar -x -C /tmp/base
     python benchmarks/bench_engine.py --baseline /tmp/base/r1kit/engine
 
-A request-level setting ("serving") adds 48 requests at once (a 48-token shared system prompt + a
-question, n = 1..4, max_tokens 8..64, T = 1, seeded) with max_num_seqs = 32, and compares: continuous
-batching (requests join as slots free), the same engine fed in static waves (a wave joins only an empty
-batch: what the engine could do before), and continuous batching without the prefix cache.
+Request-level workloads ("serving", through add_request/step, max_num_seqs = 32, all requests arriving
+at once; tokens/s, time to first token, prompt tokens prefilled):
+- mixed: 48 requests, a 48-token shared system prompt + an 8-16 token question, n = 1..4, max_tokens
+  8..64, T = 1, seeded: continuous batching (requests join as slots free up) vs the same engine fed in
+  static waves (a wave starts only when the previous one drained: what the engine could do before) vs
+  continuous batching without the prefix cache;
+- long_prefix: 32 requests, a 192-token shared system prompt, max_tokens 4: prefix cache vs none.
 
 Run: python benchmarks/bench_engine.py [--repeats 3] [--threads 1] [--baseline DIR]
 (prints a table, writes benchmarks/results/engine.json)
@@ -101,7 +104,8 @@ def bench_setting(model, prompts, name, *, fixed, temperature, top_p, repeats, a
         variants["ours_no_compaction"] = Engine(model, eos_token_ids=eos, pad_token_id=PAD, compact_fraction=1.0)
     runs = {k: [] for k in [*variants, "hf"]}
     for rep in range(repeats + 1):  # repeat 0 is a warm-up
-        for key, eng in variants.items():
+        order = list(variants.items())
+        for key, eng in order if rep % 2 else order[::-1]:  # alternate: load drift hits both alike
             r = timed(lambda: ours(eng, prompts, temperature=temperature, top_p=top_p, seed=rep))
             runs[key].append(r)
         r = timed(lambda: hf_generate(model, prompts, fixed=fixed, temperature=temperature, top_p=top_p, seed=rep))
@@ -115,8 +119,13 @@ def bench_setting(model, prompts, name, *, fixed, temperature, top_p, repeats, a
             "tokens": statistics.median(n for _, n in rs),
         }
     result["speedup"] = result["ours"]["tokens_per_s"] / result["hf"]["tokens_per_s"]
-    if "baseline" in result:
-        result["ours_vs_baseline"] = result["ours"]["tokens_per_s"] / result["baseline"]["tokens_per_s"]
+    if "baseline" in result:  # paired: the two ran back to back in each repeat (robust to a loaded machine)
+        pairs = [(b[0] / o[0]) for o, b in zip(runs["ours"][1:], runs["baseline"][1:])]
+        result["ours_vs_baseline"] = {
+            "median_paired_speed_ratio": statistics.median(pairs),
+            "best_time_ratio": min(s for s, _ in runs["baseline"][1:]) / min(s for s, _ in runs["ours"][1:]),
+            "paired_ratios": pairs,
+        }
     stats = variants["ours"].stats
     result["ours_stats_per_call"] = {k: v / (repeats + 1) for k, v in vars(stats).items()}
     return result
@@ -133,53 +142,71 @@ def load_baseline(path: str):
     return importlib.import_module(name).Engine
 
 
-def serving_requests(seed: int = 0) -> list[tuple[list[int], SamplingParams]]:
+def serving_requests(seed: int, *, count: int = 48, system_len: int = 48, short: bool = False):
+    """`count` requests sharing a `system_len`-token system prompt, each with its own 8-16 token question;
+    n = 1..4 and max_tokens 8..64 (short: n = 1, max_tokens 4). -> [(prompt ids, SamplingParams)]."""
     g = torch.Generator().manual_seed(seed)
-    system = torch.randint(20, VOCAB, (48,), generator=g).tolist()
+    system = torch.randint(20, VOCAB, (system_len,), generator=g).tolist()
     out = []
-    for i in range(48):
+    for i in range(count):
         question = torch.randint(20, VOCAB, (int(torch.randint(8, 17, (1,), generator=g)),), generator=g).tolist()
-        params = SamplingParams(n=1 + i % 4, max_tokens=8 + (i * 7) % 57, seed=seed * 1000 + i)
-        out.append((system + question, params))
+        n, max_tokens = (1, 4) if short else (1 + i % 4, 8 + (i * 7) % 57)
+        out.append((system + question, SamplingParams(n=n, max_tokens=max_tokens, seed=seed * 1000 + i)))
     return out
 
 
-def serve(engine, requests, *, waves: bool) -> int:
-    """All requests at once (continuous batching), or in waves that join only an empty batch."""
-    tokens, queue = 0, list(requests)
+def serve(engine, requests, *, waves: bool, per_step: int | None = None) -> dict:
+    """Continuous batching: requests are added as they arrive (all at t = 0, or `per_step` before each
+    step) and join as slots free up. Waves (all at t = 0): the engine before it, where rows could leave a
+    batch but never join one: a wave of requests that fit max_num_seqs starts only when the previous one
+    has drained. -> tokens, seconds, time to first token (from t = 0), prefix-cache hit tokens."""
+    t0, tokens, queue, first = time.perf_counter(), 0, list(requests), {}
+    hits0 = engine.cache_stats().hit_tokens
     while queue or engine.has_unfinished():
         if queue and (not waves or not engine.has_unfinished()):
-            room = 32  # a wave: as many requests as fit in max_num_seqs
-            while queue and (not waves or queue[0][1].n <= room):
+            room = engine.scheduler.max_num_seqs if waves else per_step or len(queue)
+            while queue and (queue[0][1].n <= room if waves else room > 0):
                 prompt, params = queue.pop(0)
                 engine.add_request(prompt, params)
-                room -= params.n
-        tokens += sum(len(o.token_ids) for o in engine.step())
-    return tokens
+                room -= params.n if waves else 1
+        for o in engine.step():
+            tokens += len(o.token_ids)
+            first.setdefault(o.request_id, time.perf_counter() - t0)
+    ttft = sorted(first.values())
+    return {"tokens": tokens, "seconds": time.perf_counter() - t0, "ttft_mean": statistics.mean(ttft),
+            "ttft_p90": ttft[int(0.9 * (len(ttft) - 1))], "cache_hit_tokens": engine.cache_stats().hit_tokens - hits0,
+            "prefill_tokens": engine.stats.prefill_tokens}
 
 
 def bench_serving(model, repeats: int) -> dict:
-    variants = {
-        "continuous": (Engine(model, eos_token_ids=EOS, pad_token_id=PAD, max_num_seqs=32), False),
-        "static_waves": (Engine(model, eos_token_ids=EOS, pad_token_id=PAD, max_num_seqs=32), True),
-        "continuous_no_cache": (Engine(model, eos_token_ids=EOS, pad_token_id=PAD, max_num_seqs=32, cache_mb=0),
-                                False),
+    """Request-level workloads through add_request/step (max_num_seqs = 32), variants alternating."""
+    def engine(**kw):
+        return Engine(model, eos_token_ids=EOS, pad_token_id=PAD, max_num_seqs=32, **kw)
+
+    workloads = {  # name: (request shape, arrivals per step, {variant: (engine, waves)})
+        "mixed": (dict(), None, {"continuous": (engine(), False), "static_waves": (engine(), True),
+                                 "continuous_no_cache": (engine(cache_mb=0), False)}),
+        "long_prefix": (dict(count=32, system_len=192, short=True), 2,
+                        {"prefix_cache": (engine(), False), "no_cache": (engine(cache_mb=0), False)}),
     }
-    runs = {k: [] for k in variants}
-    for rep in range(repeats + 1):
-        for key, (eng, waves) in variants.items():
-            eng.load_weights()  # an empty prefix cache at the start of every repeat
-            runs[key].append(timed(lambda: serve(eng, serving_requests(rep), waves=waves)))
-    result = {"setting": "serving", "requests": 48, "max_num_seqs": 32, "system_prompt": 48}
-    for key, rs in runs.items():
-        rs = rs[1:]
-        result[key] = {"tokens_per_s": statistics.median(n / s for s, n in rs),
-                       "seconds": statistics.median(s for s, _ in rs), "tokens": statistics.median(n for _, n in rs)}
-    cs = variants["continuous"][0].cache_stats()
-    result["continuous_cache"] = {"hit_tokens_per_run": cs.hit_tokens / (repeats + 1),
-                                  "miss_tokens_per_run": cs.miss_tokens / (repeats + 1)}
-    result["continuous_vs_static"] = result["continuous"]["tokens_per_s"] / result["static_waves"]["tokens_per_s"]
-    return result
+    out = {}
+    for name, (shape, per_step, variants) in workloads.items():
+        runs = {k: [] for k in variants}
+        for rep in range(repeats + 1):  # repeat 0 is a warm-up
+            order = list(variants.items())
+            for key, (eng, waves) in order if rep % 2 else order[::-1]:
+                eng.load_weights()  # an empty prefix cache at the start of every repeat
+                eng.stats.reset()
+                runs[key].append(serve(eng, serving_requests(rep, **shape), waves=waves, per_step=per_step))
+        result = {"requests": shape.get("count", 48), "system_prompt": shape.get("system_len", 48),
+                  "arrivals_per_step": per_step or "all at once"}
+        for key, rs in runs.items():
+            rs = rs[1:]
+            metrics = ("tokens", "seconds", "ttft_mean", "ttft_p90", "cache_hit_tokens", "prefill_tokens")
+            result[key] = {m: statistics.median(r[m] for r in rs) for m in metrics}
+            result[key]["tokens_per_s"] = statistics.median(r["tokens"] / r["seconds"] for r in rs)
+        out[name] = result
+    return out
 
 
 def main() -> None:
@@ -219,12 +246,19 @@ def main() -> None:
             ratio = v["tokens_per_s"] / r["hf"]["tokens_per_s"]
             print(f"{r['setting']:<16}{key:<20}{v['tokens']:>8.0f}{v['seconds']:>9.3f}"
                   f"{v['tokens_per_s']:>9.0f}{ratio:>6.2f}x")
-    for key in ("continuous", "static_waves", "continuous_no_cache"):
-        v = serving[key]
-        print(f"{'serving':<16}{key:<20}{v['tokens']:>8.0f}{v['seconds']:>9.3f}{v['tokens_per_s']:>9.0f}")
-    print(f"serving: continuous / static waves = {serving['continuous_vs_static']:.2f}x; prefix-cache hits "
-          f"{serving['continuous_cache']['hit_tokens_per_run']:.0f} of "
-          f"{sum(serving['continuous_cache'].values()):.0f} prompt tokens per run")
+    print(f"\n{'workload':<13}{'variant':<21}{'tokens':>7}{'seconds':>9}{'tok/s':>7}{'TTFT mean':>11}{'TTFT p90':>10}"
+          f"{'prefilled':>10}{'cache hits':>11}")
+    for name, result in serving.items():
+        for key, v in result.items():
+            if isinstance(v, dict):
+                print(f"{name:<13}{key:<21}{v['tokens']:>7.0f}{v['seconds']:>9.3f}{v['tokens_per_s']:>7.0f}"
+                      f"{v['ttft_mean']:>10.3f}s{v['ttft_p90']:>9.3f}s{v['prefill_tokens']:>10.0f}"
+                      f"{v['cache_hit_tokens']:>11.0f}")
+    for r in results:
+        if "ours_vs_baseline" in r:
+            v = r["ours_vs_baseline"]
+            print(f"{r['setting']:<16}ours / baseline speed: median of paired repeats "
+                  f"{v['median_paired_speed_ratio']:.3f}x, best times {v['best_time_ratio']:.3f}x")
     print(f"wrote {args.out}")
 
 

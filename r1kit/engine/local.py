@@ -493,7 +493,7 @@ class Engine:
         if not any(self._caches(r) for r in admitted):
             return None
         cache = self.prefix_cache
-        epoch = cache.check_weights()
+        epoch = cache.check_weights(rescan=not len(self.batch))
         for req in admitted:
             if self._caches(req):
                 req.cache_epoch = epoch

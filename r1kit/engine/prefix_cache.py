@@ -60,7 +60,7 @@ class PrefixCache:
         self._blocks: dict[int, Block] = {}
         self._lru: OrderedDict[int, None] = OrderedDict()  # unreferenced blocks, oldest first
         self._epoch = 0
-        self._fingerprint = self._weights_fingerprint()
+        self._weights_fingerprint()
         self.hit_tokens = self.miss_tokens = self.evicted_blocks = self.stored_blocks = 0
 
     # -- lookups and references -----------------------------------------------------------------------
@@ -132,19 +132,30 @@ class PrefixCache:
         self._blocks.clear()
         self._lru.clear()
         self._epoch += 1
-        self._fingerprint = self._weights_fingerprint()
+        self._weights_fingerprint()
 
-    def check_weights(self) -> int:
+    def check_weights(self, rescan: bool = False) -> int:
         """Clear the cache if any parameter changed since the blocks were computed; -> the epoch (it
-        changes with every clear: K/V computed in an older epoch must not be stored)."""
-        now = self._weights_fingerprint()
-        if now != self._fingerprint:
+        changes with every clear: K/V computed in an older epoch must not be stored).
+
+        Every call compares the parameters' version counters (an optimizer step or load_state_dict writes
+        in place and bumps them; ~2 us). rescan also lists the module's parameters again and compares their
+        storage (a parameter replaced or re-pointed without an in-place write; ~0.2 ms): the engine asks
+        for it when a batch starts. Anything subtler: call Engine.load_weights().
+        """
+        if rescan:
+            params = list(self.model.parameters())
+            if [(id(p), p.data_ptr()) for p in params] != self._storage:
+                self.clear()
+                return self._epoch
+        if [p._version for p in self._params] != self._versions:
             self.clear()
         return self._epoch
 
-    def _weights_fingerprint(self) -> tuple:
-        # _version counts in-place writes (optimizer steps, load_state_dict); data_ptr catches a swap
-        return tuple((p._version, p.data_ptr(), p.dtype) for p in self.model.parameters())
+    def _weights_fingerprint(self) -> None:
+        self._params = list(self.model.parameters())
+        self._versions = [p._version for p in self._params]
+        self._storage = [(id(p), p.data_ptr()) for p in self._params]
 
     def stats(self) -> CacheStats:
         return CacheStats(
