@@ -5,6 +5,7 @@
     r1kit pretrain [CONFIG.yaml] [key=value ...]
     r1kit generate --model PATH --prompt TEXT [--n 4 --temperature 0.6 ...]
     r1kit eval --model PATH --benchmark NAME [...]
+    r1kit serve --model PATH [--port 8000 --api-key KEY ...]   # OpenAI/DeepSeek-compatible server + chat page
     r1kit export --model ADAPTER_OR_CHECKPOINT --out DIR --merge   # a plain HF folder every verb loads
     r1kit pipeline [r1-tiny|CONFIG.yaml] [key=value ...]   # the R1 recipe + distillation, resumable
     r1kit sft [CONFIG] [sft.data=F sft.init=M] [--stage cold_sft]
@@ -151,6 +152,16 @@ def cmd_export(argv: list[str]) -> int:
     return 0
 
 
+def cmd_serve(argv: list[str]) -> int:
+    try:
+        from r1kit.serving.server import main as serve_main
+    except ImportError as e:
+        from r1kit.types import R1KitError
+
+        raise R1KitError(f"r1kit serve needs the serve extra ({e.name} is missing): pip install 'r1kit[serve]'") from e
+    return serve_main(argv)
+
+
 def cmd_eval(argv: list[str]) -> int:
     from r1kit.evaluation.cli import main as eval_main
 
@@ -248,7 +259,7 @@ def cmd_distill(argv: list[str]) -> int:
 
 
 VERBS = {"zero": cmd_zero, "pretrain": cmd_pretrain, "generate": cmd_generate, "eval": cmd_eval, "export": cmd_export,
-         "pipeline": cmd_pipeline, "sft": cmd_sft, "sample": cmd_sample, "rm": cmd_rm, "distill": cmd_distill}
+         "serve": cmd_serve, "pipeline": cmd_pipeline, "sft": cmd_sft, "sample": cmd_sample, "rm": cmd_rm, "distill": cmd_distill}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,10 +20,8 @@ import asyncio
 import hmac
 import json
 import logging
-import threading
 from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError

@@ -154,7 +154,11 @@ class EngineLoop:
                 with self._lock:
                     live = rid in self._streams
                 if live:
-                    self.engine.add_request(ids, params, rid)
+                    try:
+                        self.engine.add_request(ids, params, rid)
+                    except Exception as e:  # the HTTP layer validates first: this is a server-side problem
+                        log.exception("engine refused request %s", rid)
+                        self._fail(rid, EngineClosed(f"the engine could not take the request: {e}"))
             else:
                 rid = cmd[1]
                 with self._lock:
@@ -178,6 +182,14 @@ class EngineLoop:
                     del self._streams[rid]
                     self._pending -= stream.n
             self.loop.call_soon_threadsafe(stream.queue.put_nowait, outs)
+
+    def _fail(self, rid: str, error: Exception) -> None:
+        with self._lock:
+            stream = self._streams.pop(rid, None)
+            if stream is not None:
+                self._pending -= stream.n
+        if stream is not None:
+            self.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
 
     def _recover(self, error: Exception) -> None:
         with self._lock:

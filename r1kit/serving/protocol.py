@@ -12,7 +12,6 @@ as OpenAI's and DeepSeek's APIs do.
 """
 from __future__ import annotations
 
-import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -62,7 +61,7 @@ class TextPart(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = _STRICT
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: Union[str, list[TextPart], None] = None
     reasoning_content: str | None = None  # sent back by clients; left out of the context (as DeepSeek-R1)
     name: str | None = None
@@ -71,14 +70,15 @@ class ChatMessage(BaseModel):
         if self.content is None:
             if self.role == "assistant":
                 return ""
-            raise APIError(400, f"{where}.content: a {self.role} message needs content", f"{where}.content")
+            raise APIError(400, f"{where}.content: a {self.role} message needs content", f"{where}.content",
+                           "invalid_value")
         if isinstance(self.content, str):
             return self.content
         parts = []
         for j, p in enumerate(self.content):
             if p.type != "text" or p.text is None:
                 raise APIError(400, f"{where}.content[{j}]: only text parts are supported (got type {p.type!r})",
-                               f"{where}.content[{j}].type")
+                               f"{where}.content[{j}].type", "invalid_value")
             parts.append(p.text)
         return "".join(parts)
 
@@ -231,10 +231,6 @@ def check_token_budget(prompt_len: int, requested: int | None, context: int, cap
                             f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} in the "
                             f"completion): reduce {param} or the prompt", param, "context_length_exceeded")
     return requested
-
-
-def finite(x: float) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 # ---- responses ----

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import uvicorn
@@ -33,6 +33,7 @@ class ServeOptions:
     limits: Limits = Limits()
     system_prompt: str | None = "auto"  # "auto": r1kit's R1-Zero instruction for r1kit's chat template
     dtype: str = "float32"
+    device: str = "auto"  # auto = cuda when available
     threads: int = 0
     shutdown_grace_s: float = 5.0
     log_level: str = "warning"
@@ -58,26 +59,27 @@ def build_state(opts: ServeOptions):
     """Load the model and tokenizer, build the engine and the ServerState (no server started)."""
     import torch
 
-    from r1kit.engine import make_engine
-    from r1kit.model import CHAT_TEMPLATE, load_model
+    from r1kit.model import CHAT_TEMPLATE
+    from r1kit.policy import Policy
     from r1kit.serving.app import ServerState
     from r1kit.serving.engine_loop import EngineLoop
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    model, tok = load_model(opts.model, dtype=opts.dtype)
-    model.eval()
+    policy = Policy.load(opts.model, device=opts.device, dtype=opts.dtype)  # a bad folder: an error naming it
+    model, tok = policy.module.eval(), policy.tokenizer
     if not getattr(tok, "chat_template", None):
         log.warning("%s has no chat template: using r1kit's (User:/Assistant: turns)", opts.model)
         tok.chat_template = CHAT_TEMPLATE
     context = getattr(model.config, "max_position_embeddings", None)
     if not isinstance(context, int) or context < 2:
         raise R1KitError(f"model {opts.model!r}: its config has no usable max_position_embeddings ({context!r})")
-    engine = make_engine(model, tok, backend=opts.backend, max_num_seqs=opts.max_num_seqs, cache_mb=opts.cache_mb,
-                         **({"model_name": opts.model} if opts.backend == "vllm" else {}))
+    engine = policy.make_engine(opts.backend, max_num_seqs=opts.max_num_seqs, cache_mb=opts.cache_mb,
+                                **({"model_name": opts.model} if opts.backend == "vllm" else {}))
     loop = EngineLoop(engine, max_pending=opts.max_num_seqs + opts.max_waiting)
     name = opts.served_model_name or Path(opts.model).resolve().name
-    return ServerState(loop=loop, tokenizer=tok, model_name=name, context=context, limits=opts.limits,
+    limits = replace(opts.limits, max_n=min(opts.limits.max_n, opts.max_num_seqs))  # a request's n runs at once
+    return ServerState(loop=loop, tokenizer=tok, model_name=name, context=context, limits=limits,
                        api_key=opts.api_key or None, default_system=default_system_prompt(tok, opts.system_prompt))
 
 
@@ -93,6 +95,9 @@ def serve(opts: ServeOptions) -> None:
     print(f"r1kit serve: {state.model_name!r} on http://{opts.host}:{opts.port} (context {state.context}, "
           f"max_num_seqs {opts.max_num_seqs}, key {'required' if state.api_key else 'not required'})", flush=True)
     server.run()
+    if server.timer is not None:
+        server.timer.cancel()
+    print("r1kit serve: stopped", flush=True)
 
 
 class _Server(uvicorn.Server):
@@ -101,17 +106,22 @@ class _Server(uvicorn.Server):
     def __init__(self, config, state, grace_s: float):
         super().__init__(config)
         self.state, self.grace_s = state, grace_s
+        self.timer: threading.Timer | None = None
 
     def handle_exit(self, sig, frame) -> None:
         loop = self.state.loop
         if not loop.draining:
             loop.draining = True
-            timer = threading.Timer(self.grace_s, loop.stop)
-            timer.daemon = True
-            timer.start()
+            self.timer = threading.Timer(self.grace_s, loop.stop)
+            self.timer.daemon = True
+            self.timer.start()
         else:
             loop.stop(timeout=1.0)
         super().handle_exit(sig, frame)
+        # uvicorn re-raises a captured signal after its shutdown (exit status -15); a drained server exits 0
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list) and sig in captured:
+            captured.remove(sig)
 
 
 def main(argv: list[str]) -> int:
@@ -140,6 +150,7 @@ def main(argv: list[str]) -> int:
                     help="system message for chats without one; 'auto' = r1kit's R1-Zero instruction for r1kit "
                          "models, none for others; '' = none")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--shutdown-grace", type=float, default=5.0, help="seconds open requests get after SIGTERM")
     ap.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
@@ -158,5 +169,5 @@ def main(argv: list[str]) -> int:
                        served_model_name=ns.served_model_name, max_num_seqs=ns.max_num_seqs, cache_mb=ns.cache_mb,
                        backend=ns.backend,
                        max_waiting=ns.max_waiting, limits=limits, system_prompt=ns.system_prompt, dtype=ns.dtype,
-                       threads=ns.threads, shutdown_grace_s=ns.shutdown_grace, log_level=ns.log_level))
+                       device=ns.device, threads=ns.threads, shutdown_grace_s=ns.shutdown_grace, log_level=ns.log_level))
     return 0
