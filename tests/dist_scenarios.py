@@ -73,6 +73,42 @@ def run_sft(out: Path, strategy: str) -> dict[str, torch.Tensor]:
     return dist.full_state_dict(policy.module)
 
 
+def rm_model():
+    from r1kit.config import ModelConfig
+    from r1kit.trainers.reward_model import build_reward_model
+
+    _, tok = tiny_pair(layers=2, seed=0)
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=64,
+                      max_position_embeddings=256)
+    return build_reward_model(None, tok, cfg), tok
+
+
+def run_rm(out: Path) -> dict[str, torch.Tensor]:
+    """3 steps of 5 pairs (shares 3 + 2 on 2 ranks), Bradley-Terry loss; DDP as the trainer sets it up."""
+    from r1kit.config import RewardModelConfig
+    from r1kit.trainers.reward_model import PreferencePair, train_reward_model
+
+    model, tok = rm_model()
+    pairs = [PreferencePair(f"{a}+{b}=", f" {a + b}", f" {a + b + 1}") for a in range(3) for b in range(5)]
+    cfg = RewardModelConfig(epochs=1, batch_size=5, lr=1e-3, warmup_steps=1, val_frac=0.0)
+    train_reward_model(Policy(model, tok, device="cpu", task_type="SEQ_CLS"), pairs, cfg, out / "rm", seed=0)
+    return dist.full_state_dict(model)
+
+
+def run_pretrain(out: Path) -> dict[str, torch.Tensor]:
+    """3 steps of 6 documents (3 per rank), DDP as the trainer sets it up."""
+    from r1kit.config import PretrainConfig
+    from r1kit.trainers.pretrain import pretrain
+
+    model, tok = tiny_pair(layers=2, seed=0)
+    task = make_task("arithmetic", min_digits=1, max_digits=2, num_test=5)
+    docs = build_corpus(task, 60, 0.5, 0.2, "r1_zero", random.Random(2))
+    cfg = PretrainConfig(steps=3, batch_size=6, lr=1e-3, warmup_steps=1, gate_pass1=0.0, max_steps=3)
+    pretrain(Policy(model.train(), tok, device="cpu"), docs, cfg, seed=0, show_progress=False)
+    return dist.full_state_dict(model)
+
+
 def crash() -> None:
     """Rank 1 raises; rank 0 blocks in a collective that rank 1 never joins."""
     if dist.rank() == 1:
@@ -86,6 +122,8 @@ SCENARIOS = {
     "grpo_fsdp2": lambda out: run_grpo(out / "grpo_fsdp2", "fsdp2"),
     "sft_ddp": lambda out: run_sft(out, "ddp"),
     "sft_fsdp2": lambda out: run_sft(out, "fsdp2"),
+    "rm_ddp": run_rm,
+    "pretrain_ddp": run_pretrain,
     # 2 ranks train 2 steps and checkpoint; the test resumes the 3rd step in one process
     "grpo_ckpt": lambda out: run_grpo(out / "grpo_ckpt", "ddp", "grpo.steps=2", "log.save_every=2"),
 }

@@ -20,6 +20,7 @@ from r1kit import dist
 from r1kit.io import read_jsonl
 from r1kit.types import R1KitError
 from tests import dist_scenarios as sc
+from tests.helpers import tiny_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
@@ -48,8 +49,6 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 def _moved(after: dict[str, torch.Tensor]) -> float:
     """How far training moved the parameters from their initialisation (a parity of no-ops proves nothing)."""
-    from tests.helpers import tiny_pair
-
     before = tiny_pair(layers=2, seed=0)[0].state_dict()
     return max(float((after[k] - before[k]).abs().max()) for k in after)
 
@@ -76,6 +75,15 @@ def test_two_ranks_train_what_one_process_trains(two_ranks, tmp_path, algo, stra
     for r1, r2 in zip(m1, m2):
         for k, v in r1.items():
             assert r2[k] == pytest.approx(v, rel=1e-4, abs=1e-6), (r1["step"], k)
+
+
+@pytest.mark.parametrize("name", ["rm", "pretrain"])
+def test_the_reward_model_and_pretraining_train_alike_on_two_ranks(two_ranks, tmp_path, name):
+    torch.set_num_threads(1)
+    one = sc.run_rm(tmp_path) if name == "rm" else sc.run_pretrain(tmp_path)
+    before = (sc.rm_model()[0] if name == "rm" else tiny_pair(layers=2, seed=0)[0]).state_dict()
+    assert max(float((one[k] - before[k]).abs().max()) for k in one) > 1e-3
+    assert _max_diff(one, torch.load(two_ranks / f"{name}_ddp.pt")) <= TOL
 
 
 def test_a_two_rank_checkpoint_resumes_in_one_process(two_ranks, tmp_path):
@@ -122,7 +130,6 @@ def test_a_groups_samples_do_not_depend_on_the_other_groups_in_the_batch():
     """What makes N ranks sample what one process samples (grpo.rollout_seeds=group)."""
     from r1kit.engine import make_engine
     from r1kit.trainers.grpo_batch import generate_groups
-    from tests.helpers import tiny_pair
 
     model, tok = tiny_pair(layers=2, seed=0)
     engine = make_engine(model, tok)
