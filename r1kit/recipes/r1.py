@@ -46,6 +46,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
+from r1kit import dist
 from r1kit.config import PIPELINE_STAGES, RunConfig, from_dict, to_dict
 from r1kit.io import atomic_dir, atomic_write_json, atomic_write_text
 from r1kit.recipes.r1_report import results_table
@@ -371,6 +372,7 @@ def sft_stage(ctx: StageContext, init: Path, data: Path) -> dict[str, Any]:
     cfg = ctx.cfg
     if not (ctx.dir / "sft.json").exists():
         policy = Policy.from_config(cfg, init)
+        dist.prepare(policy, cfg.dist.strategy)  # under torchrun: DDP or FSDP2 (train_sft alone would pick DDP)
         examples, stats = load_sft_data(data, policy.tokenizer, cfg.sft.seq_len)
         atomic_write_json(ctx.dir / "data_stats.json", stats)
         train_sft(policy, examples, cfg.sft, ctx.dir, seed=ctx.seed, resume=True,
