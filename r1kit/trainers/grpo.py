@@ -21,6 +21,10 @@ command line wins over the preset, which wins over the defaults; reward_weights 
   reinforce_pp  REINFORCE++-baseline (Hu et al. 2025): group-centred then batch-whitened advantages,
                 PPO clip, token-mean, k1 KL subtracted from the reward (beta 0.001, our choice)
 
+Data parallel (torchrun, r1kit/dist.py): each rank samples a contiguous share of whole prompt groups of the
+global batch, each group from its own random stream (`grpo.rollout_seeds`); advantages, loss normalisers and
+metrics are computed over the global batch, gradients summed over ranks; rank 0 logs, evaluates and saves.
+
 Departures from the papers: the old-policy logprobs are the sampler's own (the engine returns
 log softmax(logits / T) exactly as the trainer computes it), so on-policy training needs no extra
 forward pass; set `grpo.recompute_old_logprobs` when sampler and trainer differ (then `grpo.tis_cap`
