@@ -117,16 +117,27 @@ def run_main(fn: Callable[[], int]) -> int:
             raise
         print(f"r1kit: rank {rank()} failed: {type(e).__name__}: {e}\n{traceback.format_exc()}", file=sys.stderr,
               flush=True)
-        os._exit(1)  # not sys.exit: a peer's collective may keep this process in a destructor otherwise
+        _leave(1)
     if not is_initialized():
         return code
     # All ranks finish together, then leave without the interpreter's teardown: gloo's threads could
     # otherwise abort a process at exit ("terminate called without an active exception").
     barrier()
     shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code or 0)
+    _leave(code or 0)
+
+
+def _leave(code: int) -> None:
+    """Exit now: run the atexit handlers (worker pools, sandboxes), flush, then skip the interpreter's
+    teardown, where gloo threads or a peer's pending collective could abort or block this process."""
+    import atexit
+
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 # ----------------------------------------------------------------------------- shares and seeds
