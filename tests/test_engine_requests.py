@@ -276,3 +276,19 @@ def test_caches_grow_and_shrink_mid_flight_without_changing_results():
         prompt, t = prompts[rid]
         assert len(toks) == {"short": 30, "long": 4, "mid": 20}[rid]
         assert (torch.tensor(lps, dtype=torch.float64) - _reference(model, prompt, toks, t)).abs().max() <= 1e-5
+
+
+def test_sample_rows_is_sample_tokens_row_by_row():
+    """The one-pass sampler for mixed requests draws what sample_tokens would, per row, from the same uniform."""
+    from r1kit.engine.sampling import sample_rows, sample_tokens
+
+    torch.manual_seed(0)
+    logits = torch.randn(400, 50) * 3
+    settings = [(1.0, 1.0), (0.0, 1.0), (0.7, 0.9), (1.5, 0.5), (0.3, 1e-6)] * 80
+    temps = torch.tensor([t for t, _ in settings])
+    top_ps = torch.tensor([p for _, p in settings])
+    u = torch.stack([torch.rand((1, 1), generator=torch.Generator().manual_seed(i))[0, 0] for i in range(400)])
+    tokens, logprobs = sample_rows(logits, temps, top_ps, u)
+    for i, (t, p) in enumerate(settings):
+        want_tok, want_lp = sample_tokens(logits[i : i + 1], t, p, torch.Generator().manual_seed(i))
+        assert int(tokens[i]) == int(want_tok) and abs(float(logprobs[i]) - float(want_lp)) <= 1e-6, i

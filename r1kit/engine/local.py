@@ -52,7 +52,7 @@ from torch import nn
 from r1kit.engine.api import CacheStats, RequestOutput, SamplingParams
 from r1kit.engine.fast_llama import FastLlama, fast_path_problem
 from r1kit.engine.prefix_cache import PrefixCache
-from r1kit.engine.sampling import sample_tokens
+from r1kit.engine.sampling import sample_rows, sample_tokens
 from r1kit.engine.scheduler import Batch, Request, Scheduler
 from r1kit.types import R1KitError, Rollout
 
@@ -378,7 +378,12 @@ class Engine:
         return logits.repeat_interleave(torch.tensor(counts, device=logits.device), 0)
 
     def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row with its request's parameters and generator -> tokens [B], logprobs [B]."""
+        """Each row with its request's parameters and generator -> tokens [B], logprobs [B].
+
+        generate(): sample_tokens per (generator, temperature, top_p) group, the original draws;
+        add_request: one sample_rows pass over every row, each request's uniforms from its generator."""
+        if self._dense is None:
+            return self._sample_requests(logits)
         groups = self.batch.groups()
         if len(groups) == 1 and groups[0][3] is None:
             gen, temperature, top_p, _ = groups[0]
@@ -386,6 +391,18 @@ class Engine:
         tokens, logprobs = self.batch.last.clone(), torch.zeros(len(self.batch), device=logits.device)
         for gen, temperature, top_p, idx in groups:
             tokens[idx], logprobs[idx] = sample_tokens(logits[idx], temperature, top_p, gen)
+        return tokens, logprobs
+
+    def _sample_requests(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        plan = self.batch.plan()
+        u = torch.zeros(len(plan.temperature))
+        for gen, pos in plan.draws:
+            u[pos] = torch.rand((len(pos), 1), generator=gen).squeeze(1)  # on the CPU, like sample_tokens' draws
+        if plan.rows is None:
+            return sample_rows(logits, plan.temperature, plan.top_p, u.to(logits.device))
+        tokens, logprobs = self.batch.last.clone(), torch.zeros(len(self.batch), device=logits.device)
+        tokens[plan.rows], logprobs[plan.rows] = sample_rows(logits[plan.rows], plan.temperature, plan.top_p,
+                                                             u.to(logits.device))
         return tokens, logprobs
 
     def _advance(self, tokens: torch.Tensor, logprobs: torch.Tensor) -> list[RequestOutput]:

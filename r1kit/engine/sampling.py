@@ -39,7 +39,7 @@ def sample_tokens(
     return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
 
 
-def _top_p_threshold(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+def _top_p_threshold(probs: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
     """The probability of the least likely token in each row's nucleus: [B, V] -> [B, 1].
 
     Only the sorted values are needed, not the permutation; on CPU numpy sorts them ~50x faster than
@@ -50,6 +50,35 @@ def _top_p_threshold(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     else:
         desc = probs.sort(dim=-1, descending=True).values  # [B, V]
     # The nucleus is the top n tokens, n = 1 + #(prefix sums < top_p) (the token that crosses top_p is in).
-    below = torch.full((desc.shape[0], 1), top_p, dtype=desc.dtype, device=desc.device)
+    if isinstance(top_p, torch.Tensor):  # [B, 1] per row
+        below = top_p.to(device=desc.device, dtype=desc.dtype).contiguous()
+    else:
+        below = torch.full((desc.shape[0], 1), top_p, dtype=desc.dtype, device=desc.device)
     n_keep = (torch.searchsorted(desc.cumsum(dim=-1), below) + 1).clamp(max=desc.shape[1])  # [B, 1]
     return desc.gather(1, n_keep - 1)
+
+
+def sample_rows(
+    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sample_tokens` with per-row settings and pre-drawn uniforms: -> (tokens [B] long, logprobs [B]).
+
+    logits [B, V]; temperature, top_p [B] (temperature 0: greedy, its u unused); u [B] in [0, 1), row i's
+    draw from its request's generator. Row by row it is the same computation as sample_tokens given the
+    same draw, in one pass over the batch instead of one per request (requests with their own seeds).
+    """
+    logits = logits.float()
+    greedy = temperature == 0  # [B]
+    scaled = logits / torch.where(greedy, 1.0, temperature).to(logits.dtype)[:, None]  # x / 1.0 is exact
+    logp = torch.log_softmax(scaled, dim=-1)  # [B, V]
+    probs = logp.exp()
+    nucleus = top_p < 1.0  # [B]
+    if bool(nucleus.any()):
+        threshold = torch.where(nucleus[:, None], _top_p_threshold(probs, top_p[:, None].to(probs.dtype)), 0.0)
+        probs = probs * ((probs - threshold).sign() + 1).clamp(max=1)
+    cdf = probs.cumsum(dim=-1)  # [B, V] unnormalised
+    total = cdf[:, -1:].contiguous()  # [B, 1]
+    tokens = torch.searchsorted(cdf, u.to(total)[:, None] * total, right=True)
+    tokens = torch.minimum(tokens, torch.searchsorted(cdf, total)).squeeze(1)
+    tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
+    return tokens, logp.gather(1, tokens[:, None]).squeeze(1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 
@@ -75,7 +76,7 @@ class Batch:
         self.all_eos = True  # every row ends at an EOS (no ignore_eos): the `eos` mask is all True
         self.backend = ""
         self.n_live = 0
-        self._groups = None
+        self._groups = self._plan = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -101,7 +102,7 @@ class Batch:
         self.rows += new
         self.n_live += len(new)
         self.all_eos = all(not r.params.ignore_eos for r, _ in self.rows)
-        self._groups = None
+        self._groups = self._plan = None
 
     def keep(self, keep: list[int]) -> None:
         """Keep only rows `keep` (ascending)."""
@@ -111,14 +112,14 @@ class Batch:
         if self.stops is not None:
             self.stops = self.stops[idx]
         self.rows = [self.rows[i] for i in keep]
-        self._groups = None
+        self._groups = self._plan = None
 
     def retire(self, row: int) -> None:
         """Row `row` finished or was aborted: it no longer draws (unless its request draws while finished)."""
         self.n_live -= 1
         req = self.rows[row][0]
         if not req.draw_finished:
-            self._groups = None
+            self._groups = self._plan = None
 
     def groups(self) -> list[tuple[torch.Generator | None, float, float, torch.Tensor | None]]:
         """Rows that draw this step, grouped by (generator, temperature, top_p), in row order.
@@ -140,6 +141,33 @@ class Batch:
                 for g, t, tp, rows in keyed.values()
             ]
         return self._groups
+
+
+    def plan(self) -> SimpleNamespace:
+        """add_request's sampling of this step, every row in one `sample_rows` pass: `rows` [b] that draw
+        (None: all), their `temperature` and `top_p` [b], and `draws`: (generator, positions in rows), one
+        uniform per non-greedy row of that generator, in row order (a seeded request owns its generator)."""
+        if self._plan is None:
+            rows, temps, top_ps, by_gen = [], [], [], {}
+            for i, (req, k) in enumerate(self.rows):
+                if req.finish[k] is not None and not req.draw_finished:
+                    continue
+                p, gen = req.params, req.generator
+                if p.temperature > 0:
+                    by_gen.setdefault(id(gen) if gen is not None else None, (gen, []))[1].append(len(rows))
+                rows.append(i)
+                temps.append(p.temperature)
+                top_ps.append(p.top_p)
+
+            def col(values, dtype=torch.long):
+                return torch.tensor(values, dtype=dtype, device=self.device)
+
+            self._plan = SimpleNamespace(
+                rows=None if len(rows) == len(self.rows) else col(rows),
+                temperature=col(temps, torch.float32), top_p=col(top_ps, torch.float32),
+                draws=[(gen, col(pos)) for gen, pos in by_gen.values()],
+            )
+        return self._plan
 
 
 class Scheduler:
