@@ -217,6 +217,9 @@ def test_bf16_autocast_is_close_to_float32_and_keeps_float32_grads():
     ref, _, _ = packed(model, ro, idx)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # what Policy.autocast() does for mixed_precision=bf16
         lp, _, _ = packed(model, ro, idx)
+        with torch.no_grad():  # grpo.recompute_old_logprobs: the same bf16 forward, so the first ratio is exactly 1
+            old, _, _ = packed(model, ro, idx)
+    assert torch.equal(old, lp.detach())
     valid = ro.completion_mask > 0
     assert lp.dtype == torch.float32
     err = (lp - ref)[valid].abs().max()
