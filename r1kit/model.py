@@ -207,6 +207,24 @@ def load_classifier(path: str | Path, dtype: str = "float32", num_labels: int | 
         raise R1KitError(f"model path {str(p)!r} cannot become a sequence classifier: {e}") from e
 
 
+def lora_targets(names) -> str | list[str]:
+    """peft's target_modules from the config's list: ["all-linear"] -> "all-linear" (every linear layer but
+    the output head), else the list of module names."""
+    names = list(names)
+    return "all-linear" if names == ["all-linear"] else names
+
+
+def untie_output_embeddings(model: torch.nn.Module) -> None:
+    """Give lm_head its own copy of the tied embedding matrix (same values), so an adapter on lm_head, once
+    merged, changes the output layer only."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and emb is not None and head.weight is emb.weight:
+        head.weight = torch.nn.Parameter(emb.weight.detach().clone(), requires_grad=emb.weight.requires_grad)
+    model.config.tie_word_embeddings = False
+    if hasattr(model.config, "get_text_config"):
+        model.config.get_text_config().tie_word_embeddings = False
+
+
 def _load_adapter_folder(folder: Path, dtype: str):
     """A LoRA adapter folder (an r1kit checkpoint of a LoRA run): its base model with the adapter merged in."""
     try:
@@ -221,6 +239,9 @@ def _load_adapter_folder(folder: Path, dtype: str):
         raise R1KitError(f"{str(folder)!r} is a LoRA adapter; loading it needs peft: pip install 'r1kit[lora]'") from e
     model, tokenizer = load_model(base, dtype)
     check_weight_files(folder, "adapter_model.safetensors")
+    targets = json.loads((folder / "adapter_config.json").read_text()).get("target_modules") or []
+    if "lm_head" in lora_targets(targets if isinstance(targets, list) else [targets]):
+        untie_output_embeddings(model)  # as at training time (r1kit.policy): the merge must not touch the inputs
     merged = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
     has_tokenizer = (folder / "tokenizer_config.json").exists()
     return merged, load_tokenizer(folder) if has_tokenizer else tokenizer

@@ -36,7 +36,7 @@ import resource
 import sys
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -98,7 +98,7 @@ class Policy:
 
     def __init__(self, module: nn.Module, tokenizer, *, device: str | torch.device = "auto",
                  mixed_precision: str = "no", gradient_checkpointing: bool = False, lora: LoraConfig | None = None,
-                 task_type: str = "CAUSAL_LM"):
+                 task_type: str = "CAUSAL_LM", seed: int = 0):
         if mixed_precision not in MIXED_PRECISION:
             raise R1KitError(f"model.mixed_precision={mixed_precision!r}; expected one of {list(MIXED_PRECISION)}")
         if task_type not in TASK_TYPES:
@@ -117,20 +117,20 @@ class Policy:
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.gradient_checkpointing = gradient_checkpointing
         self.lora = lora if lora is not None and lora.r > 0 else None
-        self.peft = self._add_lora(self.lora) if self.lora else None
+        self.peft = self._add_lora(self.lora, seed) if self.lora else None
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device = "auto", dtype: str = "float32",
              mixed_precision: str = "no", gradient_checkpointing: bool = False,
-             lora: LoraConfig | None = None) -> Policy:
+             lora: LoraConfig | None = None, seed: int = 0) -> Policy:
         """A causal LM from a local HF folder (or a LoRA adapter folder, merged) through r1kit.model.load_model,
         the one loading path; a bad folder is an R1KitError naming it."""
         from r1kit.model import load_model
 
         module, tokenizer = load_model(path, dtype)
         return cls(module, tokenizer, device=device, mixed_precision=mixed_precision,
-                   gradient_checkpointing=gradient_checkpointing, lora=lora)
+                   gradient_checkpointing=gradient_checkpointing, lora=lora, seed=seed)
 
     @classmethod
     def from_config(cls, cfg, path: str | Path, *, lora: bool = True) -> Policy:
@@ -138,18 +138,28 @@ class Policy:
         check_policy_options(cfg.model, cfg.lora)
         m = cfg.model
         return cls.load(path, device=m.device, dtype=m.dtype, mixed_precision=m.mixed_precision,
-                        gradient_checkpointing=m.gradient_checkpointing, lora=cfg.lora if lora else None)
+                        gradient_checkpointing=m.gradient_checkpointing, lora=cfg.lora if lora else None,
+                        seed=cfg.seed)
 
-    def _add_lora(self, lora: LoraConfig):
+    def _add_lora(self, lora: LoraConfig, seed: int):
+        """Inject LoRA layers. Their initialisation is drawn from `seed` on a forked RNG, so it is the same on
+        every run (resume re-creates it before loading the adapter) and leaves the global stream untouched."""
+        from r1kit.model import lora_targets, untie_output_embeddings
+
         try:
             from peft import LoraConfig as PeftLoraConfig, get_peft_model
         except ImportError as e:
             raise R1KitError("lora.r > 0 needs peft: pip install 'r1kit[lora]'") from e
-        targets: Any = "all-linear" if list(lora.target_modules) == ["all-linear"] else list(lora.target_modules)
+        targets = lora_targets(lora.target_modules)
+        if "lm_head" in targets:  # its adapter must not leak into tied input embeddings when merged
+            untie_output_embeddings(self.module)
         config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                                 task_type=self.task_type, bias="none")
+        devices = [self.device] if self.device.type == "cuda" else []
         try:
-            peft_model = get_peft_model(self.module, config)
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                peft_model = get_peft_model(self.module, config)
         except ValueError as e:  # e.g. a target module name the model does not have
             raise R1KitError(f"lora.target_modules={list(lora.target_modules)}: {e}") from e
         self.module = peft_model.get_base_model()  # the same HF model, LoRA layers injected in place
@@ -277,7 +287,9 @@ class Policy:
             return
         if state_dict is not None:  # the gathered weights of `module`, keyed as the PeftModel's own
             state_dict = {f"base_model.model.{k}": v for k, v in state_dict.items()}
-        self.peft.save_pretrained(str(folder), safe_serialization=True, state_dict=state_dict)
+        # the adapter only (an untied lm_head copy, see _add_lora, equals the base folder's embeddings)
+        self.peft.save_pretrained(str(folder), safe_serialization=True, state_dict=state_dict,
+                                  save_embedding_layers=False)
         save_tokenizer(self.tokenizer, folder)
 
     def load_weights(self, folder: str | Path) -> None:
