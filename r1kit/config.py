@@ -24,7 +24,7 @@ T = TypeVar("T")
 @dataclass
 class ModelConfig:
     path: str | None = None  # an HF causal-LM folder; None = build the tiny model below from scratch
-    arch: str = "llama"  # llama | qwen2 (tiny models only)
+    arch: str = "llama"  # tiny models: llama | qwen2 | qwen3 | mistral | gemma | phi3 | gpt2 (r1kit.model.TINY_ARCHS)
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4

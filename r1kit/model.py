@@ -55,24 +55,36 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     return fast
 
 
+# Tiny models from a config, for every architecture r1kit is tested with (tests/test_architectures.py):
+# model.arch -> (HF model_type, extra config fields). head_dim is pinned where the HF default is not hidden/heads.
+TINY_ARCHS: dict[str, tuple[str, dict]] = {
+    "llama": ("llama", {}),
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", {"head_dim": None}),
+    "mistral": ("mistral", {"head_dim": None}),
+    "gemma": ("gemma", {"head_dim": None}),
+    "phi3": ("phi3", {}),
+    "gpt2": ("gpt2", {}),
+}
+
+
 def build_tiny_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> torch.nn.Module:
-    """A small Llama- or Qwen2-type causal LM, randomly initialised from `cfg`."""
-    common = dict(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    if cfg.arch == "llama":
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        return LlamaForCausalLM(LlamaConfig(**common))
-    if cfg.arch == "qwen2":
-        from transformers import Qwen2Config, Qwen2ForCausalLM
-
-        return Qwen2ForCausalLM(Qwen2Config(**common))
-    raise R1KitError(f"model.arch: unknown tiny architecture {cfg.arch!r}; expected 'llama' or 'qwen2'")
+    """A small causal LM of type `cfg.arch` (see TINY_ARCHS), randomly initialised from `cfg`."""
+    if cfg.arch not in TINY_ARCHS:
+        raise R1KitError(f"model.arch: unknown tiny architecture {cfg.arch!r}; expected one of {sorted(TINY_ARCHS)}")
+    model_type, extra = TINY_ARCHS[cfg.arch]
+    ids = dict(bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+               vocab_size=len(tokenizer), tie_word_embeddings=True)
+    if model_type == "gpt2":
+        fields = dict(n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads,
+                      n_inner=cfg.intermediate_size, n_positions=cfg.max_position_embeddings)
+    else:
+        fields = dict(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                      num_key_value_heads=cfg.num_kv_heads, intermediate_size=cfg.intermediate_size,
+                      max_position_embeddings=cfg.max_position_embeddings)
+        fields.update({k: cfg.hidden_size // cfg.num_heads for k in extra if k == "head_dim"})
+    config = AutoConfig.for_model(model_type, **fields, **ids)
+    return AutoModelForCausalLM.from_config(config)
 
 
 def save_model(model: torch.nn.Module, tokenizer, path: Path, state_dict: dict | None = None) -> None:
