@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from r1kit.config import ModelConfig, RunConfig, load_config  # noqa: E402
 from r1kit.model import build_tiny_model  # noqa: E402
+from r1kit.policy import Policy  # noqa: E402
 from r1kit.tasks import make_task  # noqa: E402
 from r1kit.trainers.grpo import GRPOTrainer  # noqa: E402
 from tests.helpers import tiny_pair  # noqa: E402
@@ -39,7 +40,8 @@ def run(beta: float, steps: int, tmp: Path) -> dict:
         "grpo.prompts_per_step=4", "grpo.group_size=8", "grpo.max_new_tokens=64", f"grpo.beta={beta}",
         f"grpo.steps={steps + 2}", "log.progress=false", "log.tensorboard=false", "log.save_every=0",
         "log.sample_every=0", "eval.every=0", f"output_dir={tmp}", f"name=b{beta}"])
-    recs = GRPOTrainer(cfg, model, tok, make_task("arithmetic"), cfg.run_dir, ref_model=ref).train()[2:]  # warm-up
+    policy = Policy(model, tok, device="cpu")
+    recs = GRPOTrainer(cfg, policy, make_task("arithmetic"), cfg.run_dir, ref_model=ref).train()[2:]  # warm-up
     out = {p: statistics.median(r[f"time/{p}"] for r in recs) for p in PHASES}
     out["step"] = statistics.median(r["time/step"] for r in recs)
     out["completion_tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in recs)
