@@ -275,3 +275,22 @@ def test_grpo_trainer_packed_update_equals_the_padded_update(tmp_path):
     assert moved > 1e-4  # the step changed the weights
     for n in wa:
         assert (wa[n] - wb[n]).abs().max() <= 1e-5, n
+
+
+def test_a_sliding_window_shorter_than_the_batch_falls_back_with_a_warning():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=48, max_position_embeddings=128, pad_token_id=PAD, bos_token_id=None, eos_token_id=1)
+    ro = make_rollout([5, 3], [6, 2, 4, 7], 2)
+    idx = torch.arange(4)
+    wide = MistralForCausalLM(MistralConfig(sliding_window=64, **cfg)).double()
+    assert packed_problem(wide) is None
+    lp, _, _ = completion_logprobs(wide, ro, idx, 1.0, packed=True)
+    want, _, _ = padded(wide, ro, idx)
+    assert (lp - want)[ro.completion_mask > 0].abs().max() <= 1e-10
+    narrow = MistralForCausalLM(MistralConfig(sliding_window=4, **cfg)).double()
+    with pytest.warns(UserWarning, match="sliding window 4; using the padded forward"):
+        lp, _, _ = completion_logprobs(narrow, ro, idx, 1.0, packed=True)
+    assert torch.equal(lp, padded(narrow, ro, idx)[0])

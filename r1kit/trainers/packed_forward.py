@@ -13,8 +13,12 @@ repeated prompt. Attention is the only place positions meet, and it runs in two 
                  own completion's earlier tokens, never to a sibling's: the block mask of the issue.
 Positions restart after the prompt for every completion (prompt length + t), exactly as the padded forward
 numbers them. The final norm, LM head and log-softmax run only at the positions that predict a completion
-token. The HF module's own sub-modules (projections, norms, MLP, rotary embedding, head) are called, so
-autograd reaches every parameter, tied heads included.
+token. The HF module's own parameters are used in place (norms, MLP, rotary embedding and head through their
+modules; q/k/v as one matmul over their concatenated weights), so autograd reaches every parameter, tied
+heads included. A group's G completions share one forward and one backward of the prompt: its keys and
+values are gathered for every row, and the gather's backward sums the rows' gradients into them.
+flex_attention was not tried: on CPU it needs torch.compile; two SDPA calls on gathered views cost little
+next to the projections at these sizes (bench_packed_update.py).
 
 `packed_problem(model)` says why a model cannot take this path (then the trainer uses `token_logprobs`);
 `completion_logprobs` is the one call the trainer makes, packed or not. bf16 is the policy's business
@@ -22,7 +26,9 @@ autograd reaches every parameter, tied heads included.
 the log-softmax runs on fp32 logits either way.
 
 Exactness: tests/test_packed_forward.py checks logprobs and the GRPO objective's gradients against the
-padded forward in float64 (<= 1e-10). Benchmark: benchmarks/bench_vs_trl.py --packed.
+padded forward in float64 (<= 1e-10; HF's RMSNorm computes in float32 even in a float64 model, so the test
+gives the norms a float64 forward) and float32 (<= 1e-5). Benchmarks: benchmarks/bench_packed_update.py
+(the update's forward + backward alone) and benchmarks/bench_vs_trl.py --packed both (whole steps vs TRL).
 """
 from __future__ import annotations
 
@@ -59,8 +65,11 @@ def packed_problem(model: nn.Module) -> str | None:
 
 
 def _sliding_window(config) -> int | None:
+    """The attention window some layer uses, or None when every layer attends fully."""
     window = getattr(config, "sliding_window", None)
-    if window is None or (getattr(config, "model_type", None) == "qwen2" and not getattr(config, "use_sliding_window", False)):
+    if window is None:
+        return None
+    if getattr(config, "model_type", None) == "qwen2" and not getattr(config, "use_sliding_window", False):
         return None
     layer_types = getattr(config, "layer_types", None)
     return None if layer_types is not None and "sliding_attention" not in layer_types else int(window)
