@@ -15,9 +15,10 @@ An r1kit step is the wall time of `GRPOTrainer.step()`.
 
     pip install "trl==1.16.*"      # optional, benchmark-only; not an r1kit dependency
     python benchmarks/bench_vs_trl.py [--steps 8] [--warmup 2] [--round 2] [--threads 1]
-        [--packed] [--beta 0.04] [--max-new 256] [--tag NAME]
-Writes benchmarks/results/vs_trl[_NAME].json and .md. `--packed` sets grpo.packed_update (r1kit's packed,
-shared-prefix update); `--beta` > 0 gives both trainers a frozen reference copy of the initial weights.
+        [--packed off|on|both] [--beta 0.04] [--max-new 256] [--tag NAME]
+Writes benchmarks/results/vs_trl[_NAME].json and .md. `--packed on` sets grpo.packed_update (r1kit's packed,
+shared-prefix update); `both` runs a padded and a packed r1kit trainer in every round, side by side with
+TRL. `--beta` > 0 gives every trainer a frozen reference copy of the initial weights.
 The r1kit phase split (generate, score, logprobs, update) and the update phase's model FLOP utilisation
 (MFU: 6 x parameters x tokens of each completion with its prompt, over the update's seconds and the
 fp32 matmul peak of ../shared/NOTES.md, 100 GFLOP/s on 2 threads) are in the output.
@@ -143,13 +144,55 @@ def summarize(times: list[float], tokens: list[int]) -> dict:
             "completion_tokens_per_s": sum(tokens) / sum(times), "s_per_step": times, "completion_tokens": tokens}
 
 
+class R1kitRun:
+    """One r1kit GRPOTrainer on its own copy of the saved weights, with its step times and phase split."""
+
+    def __init__(self, tmp: Path, problems: list[Problem], ns, packed: bool, total: int):
+        cfg = load_config(RunConfig, None, [
+            f"grpo.prompts_per_step={PROMPTS}", f"grpo.group_size={GROUP}", f"grpo.max_new_tokens={ns.max_new}",
+            f"grpo.beta={ns.beta}", f"grpo.packed_update={str(packed).lower()}", "grpo.temperature=1.0",
+            "grpo.top_p=1.0", f"grpo.lr={LR}", "grpo.updates_per_batch=1",
+            "grpo.micro_batch_size=32", "grpo.grad_clip=1.0", "grpo.weight_decay=0.0", "model.dtype=float32",
+            f"grpo.steps={total}", "log.progress=false", "log.tensorboard=false", "log.save_every=0",
+            "log.sample_every=0", "eval.every=0", f"output_dir={tmp / 'r1kit'}", f"name=vs_trl_{int(packed)}",
+            f"seed={SEED}"])
+        cfg.grpo.reward_weights = dict(REWARD_WEIGHTS)
+        model, tok = load_model(tmp / "init")
+        ref = load_model(tmp / "init")[0].eval() if ns.beta > 0 else None
+        self.task = FixedOrderTask(problems)
+        self.trainer = GRPOTrainer(cfg, Policy(model, tok, device="cpu"), self.task, cfg.run_dir, ref_model=ref)
+        self.times: list[float] = []
+        self.tokens: list[int] = []
+        self.phases: list[dict[str, float]] = []
+
+    def steps(self, n: int) -> None:
+        for _ in range(n):
+            t = time.perf_counter()
+            record, batch = self.trainer.step()
+            self.times.append(time.perf_counter() - t)
+            self.tokens.append(int(batch.rollout.lengths.sum()))
+            ro = batch.rollout  # tokens of each completion with its prompt: what the unshared computation runs
+            self.phases.append({**{p: record.get(f"time/{p}", 0.0) for p in PHASES},
+                                "model_tokens": float(ro.prompt_mask.sum() + ro.completion_mask.sum())})
+
+    def summary(self, warmup: int, params: int, threads: int) -> dict:
+        out = summarize(self.times[warmup:], self.tokens[warmup:])
+        ph = self.phases[warmup:]
+        out["phases_median_s"] = {p: statistics.median(x[p] for x in ph) for p in PHASES}
+        peak = PEAK_GFLOPS.get(threads, 50.0 * threads) * 1e9
+        mfu = [6 * params * x["model_tokens"] / x["update"] / peak for x in ph if x["update"] > 0]
+        out["update_mfu_median"] = statistics.median(mfu) if mfu else None
+        return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=8, help="timed steps per trainer")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per trainer first")
     ap.add_argument("--round", type=int, default=2, help="steps of one trainer before switching to the other")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--packed", action="store_true", help="r1kit: grpo.packed_update=true")
+    ap.add_argument("--packed", choices=("off", "on", "both"), default="off",
+                    help="r1kit's grpo.packed_update; both: two r1kit trainers, padded and packed, in every round")
     ap.add_argument("--beta", type=float, default=0.0, help="KL coefficient for both (a reference model when > 0)")
     ap.add_argument("--max-new", type=int, default=64, help="max new tokens per completion, both")
     ap.add_argument("--tag", default="", help="suffix of the result files (vs_trl_TAG.json)")
@@ -173,33 +216,14 @@ def main() -> None:
         tmp = Path(tmp)
         params = build_shared_model(tmp / "init", task)
         trl_model, trl_tok = load_model(tmp / "init")  # two independent copies of the same weights
-        r1_model, r1_tok = load_model(tmp / "init")
 
-        # ---- r1kit ------------------------------------------------------------------------------
-        cfg = load_config(RunConfig, None, [
-            f"grpo.prompts_per_step={PROMPTS}", f"grpo.group_size={GROUP}", f"grpo.max_new_tokens={ns.max_new}",
-            f"grpo.beta={ns.beta}", f"grpo.packed_update={str(ns.packed).lower()}", "grpo.temperature=1.0",
-            "grpo.top_p=1.0", f"grpo.lr={LR}", "grpo.updates_per_batch=1",
-            "grpo.micro_batch_size=32", "grpo.grad_clip=1.0", "grpo.weight_decay=0.0", "model.dtype=float32",
-            f"grpo.steps={total}", "log.progress=false", "log.tensorboard=false", "log.save_every=0",
-            "log.sample_every=0", "eval.every=0", f"output_dir={tmp / 'r1kit'}", "name=vs_trl", f"seed={SEED}"])
-        cfg.grpo.reward_weights = dict(REWARD_WEIGHTS)
-        r1_task = FixedOrderTask(problems)
-        r1_ref = load_model(tmp / "init")[0].eval() if ns.beta > 0 else None
-        r1 = GRPOTrainer(cfg, Policy(r1_model, r1_tok, device="cpu"), r1_task, cfg.run_dir, ref_model=r1_ref)
-        r1_times: list[float] = []
-        r1_tokens: list[int] = []
-        r1_phases: list[dict[str, float]] = []
+        # ---- r1kit (padded and/or packed update, each its own copy of the weights) -----------------------
+        variants = {"off": [False], "on": [True], "both": [False, True]}[ns.packed]
+        runs = {("r1kit_packed" if packed else "r1kit"): R1kitRun(tmp, problems, ns, packed, total) for packed in variants}
 
         def run_r1kit_round(n: int) -> None:
-            for _ in range(n):
-                t = time.perf_counter()
-                record, batch = r1.step()
-                r1_times.append(time.perf_counter() - t)
-                r1_tokens.append(int(batch.rollout.lengths.sum()))
-                ro = batch.rollout  # tokens of each completion with its prompt: the unshared computation's
-                r1_phases.append({**{p: record.get(f"time/{p}", 0.0) for p in PHASES},
-                                  "model_tokens": float(ro.prompt_mask.sum() + ro.completion_mask.sum())})
+            for run in runs.values():
+                run.steps(n)
 
         # ---- TRL --------------------------------------------------------------------------------
         ds = Dataset.from_dict({"prompt": [render_prompt(p.question, task_cfg.template) for p in problems],
@@ -230,17 +254,14 @@ def main() -> None:
     wall_s = time.perf_counter() - t_start
     load_after = os.getloadavg()
     w = ns.warmup
-    if not (len(trl_times) == len(r1_times) == total and trl_steps_done == total):
-        raise SystemExit(f"step counts differ: TRL {len(trl_times)} timed / {trl_steps_done} done, r1kit {len(r1_times)}")
-    same_prompts = trl_seen["pids"] == r1_task.served
+    counts = {name: len(run.times) for name, run in runs.items()}
+    if not (len(trl_times) == total == trl_steps_done and set(counts.values()) == {total}):
+        raise SystemExit(f"step counts differ: TRL {len(trl_times)} timed / {trl_steps_done} done, r1kit {counts}")
+    same_prompts = all(trl_seen["pids"] == run.task.served for run in runs.values())
     trl_res = summarize(trl_times[w:], trl_seen["tokens"][w:])
-    r1_res = summarize(r1_times[w:], r1_tokens[w:])
-    ratio_median = trl_res["median_s_per_step"] / r1_res["median_s_per_step"]
-    ratio_mean = trl_res["mean_s_per_step"] / r1_res["mean_s_per_step"]
-    r1_res["phases_median_s"] = {p: statistics.median(x[p] for x in r1_phases[w:]) for p in PHASES}
-    mfu = [6 * params * x["model_tokens"] / x["update"] / (PEAK_GFLOPS.get(ns.threads, 50.0 * ns.threads) * 1e9)
-           for x in r1_phases[w:] if x["update"] > 0]
-    r1_res["update_mfu_median"] = statistics.median(mfu) if mfu else None
+    results = {name: run.summary(w, params, ns.threads) for name, run in runs.items()}
+    ratios = {name: {"median": trl_res["median_s_per_step"] / r["median_s_per_step"],
+                     "mean": trl_res["mean_s_per_step"] / r["mean_s_per_step"]} for name, r in results.items()}
 
     command = " ".join(shlex.quote(a) for a in ["python", *[str(Path(sys.argv[0]).resolve().relative_to(ROOT))
                                                              if i == 0 else a for i, a in enumerate(sys.argv)]])
@@ -258,10 +279,10 @@ def main() -> None:
                     "reward_weights": REWARD_WEIGHTS, "task": f"arithmetic {task_cfg.options}",
                     "template": task_cfg.template},
         "schedule": {"warmup_steps_each": ns.warmup, "timed_steps_each": ns.steps, "round": ns.round,
-                     "order": "TRL round, then r1kit round, repeated"},
+                     "order": "TRL round, then a round of each r1kit trainer, repeated"},
         "same_prompts_in_same_order": same_prompts,
-        "trl": trl_res, "r1kit": r1_res,
-        "ratio_trl_over_r1kit": {"median": ratio_median, "mean": ratio_mean},
+        "trl": trl_res, **results,
+        "ratio_trl_over": ratios,
         "setup_s": setup_s, "wall_s": wall_s,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -269,25 +290,35 @@ def main() -> None:
     (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=2) + "\n")
     (RESULTS / f"{stem}.md").write_text(render_md(out))
 
-    print(f"{'trainer':<8} {'median s':>9} {'mean s':>8} {'tok/step':>9} {'tok/s':>7}")
-    for name in ("trl", "r1kit"):
+    print(f"{'trainer':<13} {'median s':>9} {'mean s':>8} {'tok/step':>9} {'tok/s':>7}")
+    for name in ("trl", *results):
         r = out[name]
-        print(f"{name:<8} {r['median_s_per_step']:9.3f} {r['mean_s_per_step']:8.3f} "
+        print(f"{name:<13} {r['median_s_per_step']:9.3f} {r['mean_s_per_step']:8.3f} "
               f"{r['completion_tokens_per_step_mean']:9.1f} {r['completion_tokens_per_s']:7.0f}")
-    print(f"TRL / r1kit: {ratio_median:.2f}x (median), {ratio_mean:.2f}x (mean); same prompts: {same_prompts}; "
-          f"threads {ns.threads}; load {load_before[0]:.2f} -> {load_after[0]:.2f}; wall {wall_s:.0f} s")
-    ph = r1_res["phases_median_s"]
-    print("r1kit phases (median s): " + ", ".join(f"{p} {ph[p]:.3f}" for p in PHASES)
-          + f"; update MFU {r1_res['update_mfu_median'] or 0:.1%} (packed_update={ns.packed})")
+    for name, r in results.items():
+        ph = r["phases_median_s"]
+        print(f"TRL / {name}: {ratios[name]['median']:.2f}x (median), {ratios[name]['mean']:.2f}x (mean); phases "
+              f"(median s): " + ", ".join(f"{p} {ph[p]:.3f}" for p in PHASES)
+              + f"; update MFU {r['update_mfu_median'] or 0:.1%}")
+    print(f"same prompts: {same_prompts}; threads {ns.threads}; load {load_before[0]:.2f} -> {load_after[0]:.2f}; "
+          f"wall {wall_s:.0f} s")
     print(f"wrote {RESULTS / (stem + '.json')} and {RESULTS / (stem + '.md')}")
 
 
 def render_md(o: dict) -> str:
-    t, r, v, s = o["trl"], o["r1kit"], o["versions"], o["setting"]
+    t, v, s = o["trl"], o["versions"], o["setting"]
+    names = [n for n in ("r1kit", "r1kit_packed") if n in o]
+    r = o[names[0]]
+    label = {"r1kit": "r1kit GRPOTrainer", "r1kit_packed": "r1kit GRPOTrainer, packed_update"}
     rows = "\n".join(
         f"| {name} | {x['median_s_per_step']:.3f} | {x['mean_s_per_step']:.3f} | {x['min_s_per_step']:.3f}–"
         f"{x['max_s_per_step']:.3f} | {x['completion_tokens_per_step_mean']:.0f} | {x['completion_tokens_per_s']:.0f} |"
-        for name, x in (("TRL GRPOTrainer", t), ("r1kit GRPOTrainer", r)))
+        for name, x in (("TRL GRPOTrainer", t), *((label[n], o[n]) for n in names)))
+    summary = "\n".join(
+        f"- **TRL / {label[n]}: {o['ratio_trl_over'][n]['median']:.2f}x (median), {o['ratio_trl_over'][n]['mean']:.2f}x "
+        f"(mean).** Phases (median s): {', '.join(f'{p} {x:.3f}' for p, x in o[n]['phases_median_s'].items())}; "
+        f"update MFU {o[n]['update_mfu_median'] or 0:.1%}." for n in names)
+    peak = PEAK_GFLOPS.get(o["threads"], 50.0 * o["threads"])
     return f"""# TRL vs r1kit: seconds per GRPO step, same model, same settings, one process
 
 `{o['command']}`: torch {v['torch']}, transformers {v['transformers']}, trl {v['trl']}, accelerate
@@ -298,12 +329,12 @@ def render_md(o: dict) -> str:
 |---|---|---|---|---|---|
 {rows}
 
-**TRL / r1kit: {o['ratio_trl_over_r1kit']['median']:.2f}x (median), {o['ratio_trl_over_r1kit']['mean']:.2f}x (mean).**
-r1kit `grpo.packed_update={o.get('packed_update', False)}`; its phases (median s): {', '.join(f"{p} {v:.3f}" for p, v in r['phases_median_s'].items())};
-update-phase MFU {r['update_mfu_median'] or 0:.1%} (6 x parameters x tokens of each completion with its prompt,
-over the update's seconds and a {PEAK_GFLOPS.get(o['threads'], 50.0 * o['threads']):.0f} GFLOP/s fp32 peak).
+{summary}
+
+Update MFU: 6 x parameters x tokens of each completion with its prompt (the work of the unshared, unpadded
+computation), over the update phase's seconds and a {peak:.0f} GFLOP/s fp32 matmul peak.
 {o['schedule']['timed_steps_each']} timed steps each after {o['schedule']['warmup_steps_each']} warm-up steps each,
-interleaved in rounds of {o['schedule']['round']} (TRL, then r1kit), so load drift hits both. Tokens/s is total
+interleaved in rounds of {o['schedule']['round']} (TRL, then each r1kit trainer), so load drift hits all. Tokens/s is total
 completion tokens over total step time.
 
 ## Setting (both trainers)
