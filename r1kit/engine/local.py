@@ -316,9 +316,9 @@ class Engine:
         self.model.eval()  # dropout off while sampling; restored below
         try:
             with torch.inference_mode():
-                self._dense = SimpleNamespace(
-                    tokens=torch.full((N, max_new_tokens), self.pad_token_id, dtype=torch.long, device=dev),
-                    logprobs=torch.zeros(N, max_new_tokens, dtype=torch.float32, device=dev),
+                self._dense = SimpleNamespace(  # one spare column: where finished rows' draws go
+                    tokens=torch.full((N, max_new_tokens + 1), self.pad_token_id, dtype=torch.long, device=dev),
+                    logprobs=torch.zeros(N, max_new_tokens + 1, dtype=torch.float32, device=dev),
                     lengths=torch.full((N,), max_new_tokens, dtype=torch.long, device=dev),
                     stopped=torch.zeros(N, dtype=torch.bool, device=dev),
                 )
@@ -410,7 +410,7 @@ class Engine:
         b = self.batch
         all_live = b.n_live == len(b)
         live = b.live
-        length = b.length + 1 if all_live else b.length + live.long()  # [B] tokens per row after this one
+        length = b.length + 1 if all_live else b.length + live  # [B] tokens per row after this one
         hit = torch.isin(tokens, self._eos)  # [B]
         if not b.all_eos:
             hit &= b.eos
@@ -448,11 +448,11 @@ class Engine:
         return outputs
 
     def _record_dense(self, tokens, logprobs, length, live, all_live) -> None:
-        """generate(): write the live rows' tokens into the [N, max_new] output buffers."""
-        d, sid, col = self._dense, self.batch.sid, length - 1
-        if not all_live:
-            sid, col, tokens, logprobs = sid[live], col[live], tokens[live], logprobs[live]
-        d.tokens[sid, col], d.logprobs[sid, col] = tokens, logprobs
+        """generate(): write the live rows' tokens into the [N, max_new + 1] output buffers (finished rows
+        still in the batch write to the spare last column, which the Rollout never shows)."""
+        d = self._dense
+        col = length - 1 if all_live else torch.where(live, length - 1, d.tokens.shape[1] - 1)
+        d.tokens[self.batch.sid, col], d.logprobs[self.batch.sid, col] = tokens, logprobs
 
     def _outputs(self, tokens, logprobs, live, all_live) -> list[RequestOutput]:
         """add_request's stream: one RequestOutput per row that produced a token this step."""
