@@ -97,6 +97,29 @@ def test_tis_capped_frac_is_the_share_of_weights_cut_at_the_cap():
     assert float(m["logprob_mismatch_max"]) == pytest.approx(max(gaps))
 
 
+def test_merged_state_folds_lora_into_plain_hf_names():
+    """What the weight sync hands vLLM with LoRA: W + scale * B A under the base model's names."""
+    peft = pytest.importorskip("peft")
+    import copy
+
+    from r1kit.engine.vllm import merged_state
+
+    model, _ = tiny_pair(hidden=64)
+    plain_names = set(model.state_dict())
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # peft starts B at 0, where merging would change nothing
+    state = merged_state(wrapped.base_model.model)  # the module Policy hands the engine
+    reference = copy.deepcopy(wrapped).merge_and_unload().state_dict()
+    assert set(state) == plain_names == set(reference)
+    for k, v in reference.items():
+        torch.testing.assert_close(state[k], v, rtol=0, atol=1e-6)
+    assert not torch.equal(state["model.layers.0.self_attn.q_proj.weight"],
+                           wrapped.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight)
+
+
 # ---- with vLLM --------------------------------------------------------------------------------------------
 
 @vllm_test
@@ -291,3 +314,39 @@ def test_resume_with_vllm_reproduces_the_uninterrupted_run(tmp_path):
     assert _strip_times(resumed) == _strip_times(full[2:])
     for p, q in zip(model_a.parameters(), model_c.parameters()):
         assert torch.equal(p, q)
+
+
+@vllm_test
+def test_serve_with_the_vllm_backend(tmp_path):
+    """`r1kit serve --backend vllm`: the same OpenAI/DeepSeek front end, on vLLM (one server, a few calls)."""
+    openai = pytest.importorskip("openai")
+    from serve_support import API_KEY, MODEL_NAME, QA, start_server, stop_server, train_format_model
+
+    model_dir = train_format_model(tmp_path / "model")
+    srv = start_server(model_dir, tmp_path / "server.log", "--backend", "vllm", "--api-key", API_KEY,
+                       "--cache-mb", "32", "--max-num-seqs", "16", timeout=240)
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        messages = [{"role": "system", "content": "You are a careful assistant. " * 12},
+                    {"role": "user", "content": "What is 2+3?"}]
+        r = client.chat.completions.create(model=MODEL_NAME, messages=messages[1:], temperature=0, max_tokens=60)
+        assert (r.choices[0].message.reasoning_content, r.choices[0].message.content) == QA["What is 2+3?"]
+        assert r.choices[0].finish_reason == "stop"
+        chunks = list(client.chat.completions.create(model=MODEL_NAME, messages=messages[1:], temperature=0,
+                                                     max_tokens=60, stream=True,
+                                                     stream_options={"include_usage": True}))
+        reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks[:-1])
+        content = "".join(c.choices[0].delta.content or "" for c in chunks[:-1])
+        assert (reasoning, content) == QA["What is 2+3?"] and chunks[-1].usage.completion_tokens > 0
+        first = client.chat.completions.create(model=MODEL_NAME, messages=messages, temperature=0, max_tokens=4).usage
+        second = client.chat.completions.create(model=MODEL_NAME, messages=messages, temperature=0, max_tokens=4).usage
+        assert first.prompt_tokens == second.prompt_tokens > 64
+        assert second.prompt_cache_hit_tokens >= 64 and second.prompt_tokens_details.cached_tokens >= 64
+        assert second.prompt_cache_hit_tokens + second.prompt_cache_miss_tokens == second.prompt_tokens
+        two = client.chat.completions.create(model=MODEL_NAME, messages=messages[1:], n=2, temperature=1.0,
+                                             max_tokens=8, seed=7)
+        assert len(two.choices) == 2
+    finally:
+        code = stop_server(srv)
+    assert code == 0, srv.log_text()
+    assert "Traceback" not in srv.log.read_text(), srv.log_text()

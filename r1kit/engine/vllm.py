@@ -35,8 +35,10 @@ Bad input stops before any training: an architecture vLLM lacks, a head size its
 """
 from __future__ import annotations
 
+import atexit
 import copy
 import itertools
+import logging
 import operator
 import os
 import shutil
@@ -60,11 +62,23 @@ FINISH = {"stop": "stop", "length": "length", "abort": "abort"}  # vLLM finish_r
 def import_vllm():
     """Import vLLM in in-process mode; a missing install is one R1KitError naming the extra."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the model must live in this process (weight sync)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's INFO lines would drown r1kit's output
     try:
         import vllm
     except ImportError as e:
         raise R1KitError(f"engine.backend=vllm: vLLM is not installed ({e}); {INSTALL_HINT}") from e
+    # vLLM warms up a chat template it cannot have (skip_tokenizer_init: r1kit renders and tokenizes) and logs
+    # the failure as a warning with a traceback: drop that one record (a filter: vLLM's logging set-up resets
+    # its loggers' levels, not their filters)
+    base = logging.getLogger("vllm.renderers.base")
+    if not any(isinstance(f, _WarmupFilter) for f in base.filters):
+        base.addFilter(_WarmupFilter())
     return vllm
+
+
+class _WarmupFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Chat template warmup failed")
 
 
 @dataclass
@@ -185,6 +199,8 @@ class VLLMEngine:
         self._llm = self._load(vllm, model, name, max_num_seqs=max_num_seqs, cache_mb=cache_mb,
                                block_size=block_size, seed=seed)
         _LIVE.update(llm=self._llm, model=weakref.ref(model), options=options)
+        if not _EXIT_HOOK:  # registered after vLLM's finalizers exist, so it runs before them (LIFO)
+            _EXIT_HOOK.append(atexit.register(shutdown_live, at_exit=True))
 
     @property
     def llm(self):
@@ -198,6 +214,9 @@ class VLLMEngine:
         from vllm.platforms import current_platform
 
         folder = Path(tempfile.mkdtemp(prefix="r1kit-vllm-"))
+        # vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole process once it has bound
+        # its threads; colocated, the trainer shares this process and its `threads` setting must keep working
+        set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
         try:
             write_folder(model, folder)
             return vllm.LLM(
@@ -214,6 +233,8 @@ class VLLMEngine:
                              "use engine.backend=local") from e
         finally:
             shutil.rmtree(folder, ignore_errors=True)  # vLLM holds the weights in memory now
+            torch.set_num_threads = set_num_threads
+            torch.set_num_threads(threads)
 
     # ---- weight sync ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -371,16 +392,26 @@ class VLLMEngine:
 
 
 _LIVE: dict = {}  # the process's one in-process vLLM: {"llm", "model" (weakref), "options"}
+_EXIT_HOOK: list = []
 
 
-def shutdown_live() -> None:
+def shutdown_live(at_exit: bool = False) -> None:
     """Shut down the live in-process vLLM, if any. vLLM's teardown also destroys the process-wide distributed
     state, so an old engine left to the garbage collector would break a newer one: shut it down explicitly
     first (the client's finalizer is then detached and never runs again)."""
     llm = _LIVE.pop("llm", None)
     _LIVE.clear()
-    if llm is not None:
+    if llm is None:
+        return
+    try:
         llm.llm_engine.engine_core.shutdown()
+    except Exception:
+        # At exit the process group vLLM made may be gone already (r1kit.dist destroys an initialised group when
+        # a command ends), and then vLLM's own teardown fails; nothing is left to free at that point.
+        if not at_exit:
+            raise
+
+
 
 
 def _check_prompt(what: str, ids, vocab: int) -> None:
