@@ -34,7 +34,7 @@ class ModelConfig:
     vocab_size: int = 384  # target size of the locally trained BPE tokenizer
     dtype: str = "float32"  # float32 | bfloat16 (the weights' storage type)
     device: str = "auto"  # auto (CUDA when present, else CPU) | cpu | cuda | cuda:N  (r1kit.policy)
-    mixed_precision: str = "no"  # no | bf16: bf16 autocast in training forwards, fp32 master weights
+    mixed_precision: str = "fp32"  # fp32 | bf16: bf16 autocast in training forwards, fp32 master weights
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
 
 

@@ -18,7 +18,7 @@ What lives where (one attribute per concern, so other code never guesses):
     policy.optimizer  AdamW over the trainable parameters, made by `make_optimizer` (the trainer's settings).
 
 Mixed precision (`model.mixed_precision=bf16`) is bf16 autocast around training forwards (`policy.autocast()`)
-with the fp32 weights as master weights; the default, "no", changes nothing, so CPU float32 runs stay
+with the fp32 weights as master weights; the default, "fp32", changes nothing, so CPU float32 runs stay
 bit-identical to what they were before the policy existed.
 
 The reference model of the KL penalty: with LoRA it is the same network with its adapters disabled
@@ -45,7 +45,7 @@ from r1kit import dist
 from r1kit.config import LoraConfig, ModelConfig
 from r1kit.types import R1KitError
 
-MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16}
+MIXED_PRECISION = {"fp32": None, "bf16": torch.bfloat16}  # not "no": YAML reads it as false
 DTYPES = ("float32", "bfloat16", "float16")
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS")
 
@@ -76,7 +76,7 @@ def check_policy_options(model: ModelConfig, lora: LoraConfig | None = None) -> 
         problems.append(f"model.dtype={model.dtype!r} is unknown; expected one of {list(DTYPES)}")
     if model.mixed_precision not in MIXED_PRECISION:
         problems.append(f"model.mixed_precision={model.mixed_precision!r}; expected one of {list(MIXED_PRECISION)}")
-    if model.mixed_precision != "no" and model.dtype != "float32":
+    if model.mixed_precision != "fp32" and model.dtype != "float32":
         problems.append(f"model.mixed_precision={model.mixed_precision!r} keeps fp32 master weights: it needs "
                         f"model.dtype=float32, got {model.dtype!r}")
     if lora is not None:
@@ -97,7 +97,7 @@ class Policy:
     """See the module docstring: the model, tokenizer, device, precision, wrapping, optimizer, checkpoints."""
 
     def __init__(self, module: nn.Module, tokenizer, *, device: str | torch.device = "auto",
-                 mixed_precision: str = "no", gradient_checkpointing: bool = False, lora: LoraConfig | None = None,
+                 mixed_precision: str = "fp32", gradient_checkpointing: bool = False, lora: LoraConfig | None = None,
                  task_type: str = "CAUSAL_LM", seed: int = 0):
         if mixed_precision not in MIXED_PRECISION:
             raise R1KitError(f"model.mixed_precision={mixed_precision!r}; expected one of {list(MIXED_PRECISION)}")
@@ -122,7 +122,7 @@ class Policy:
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device = "auto", dtype: str = "float32",
-             mixed_precision: str = "no", gradient_checkpointing: bool = False,
+             mixed_precision: str = "fp32", gradient_checkpointing: bool = False,
              lora: LoraConfig | None = None, seed: int = 0) -> Policy:
         """A causal LM from a local HF folder (or a LoRA adapter folder, merged) through r1kit.model.load_model,
         the one loading path; a bad folder is an R1KitError naming it."""

@@ -24,3 +24,15 @@ def data_dir() -> Path:
             pytest.fail(f"R1KIT_REQUIRE_DATA=1 but {reason}")
         pytest.skip(reason)
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` skip, with the reason, where CUDA is absent (they run with `-m gpu` on a GPU machine)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False here)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
