@@ -219,7 +219,7 @@ class FastLlama:
             self.pkv, self.pbias, self.n_prompts = kv, bias, P
             cols = min(gen_cols, self.initial_gen_cols)  # grows on demand: a long max_tokens is not allocated
             self.gkv = torch.zeros(L, 2, sum(counts), self.n_kv, cols, self.head_dim, device=dev, dtype=dtype)
-            self.glen = torch.zeros(sum(counts), dtype=torch.long, device=dev)
+            self.glen = None  # per-row filled columns, once rows differ (`t` while they all agree)
             self.row_prompt, self.row_g, self.group, self.batch, self.t, self.tmax = row_prompt, row_g, max(counts), \
                 sum(counts), 0, 0
         else:
@@ -281,9 +281,11 @@ class FastLlama:
             self.gkv = gkv
         self.row_prompt = torch.cat((self.row_prompt, row_prompt + Pa))
         self.row_g = torch.cat((self.row_g, row_g))
-        self.glen = torch.cat((self.glen, self.glen.new_zeros(n)))
+        if self.t:  # rows now sit at different columns
+            self.glen, self.t = torch.full((B,), self.t, dtype=torch.long, device=row_g.device), None
+        if self.t is None:
+            self.glen = torch.cat((self.glen, self.glen.new_zeros(n)))
         self.n_prompts, self.batch, self.group = Pa + P, B + n, max(self.group, group)
-        self.t = None if self.t != 0 else 0  # rows now sit at different columns
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Feed one token per active row; return logits [B, V]. tokens, positions: [B].
@@ -312,7 +314,8 @@ class FastLlama:
                 self.gkv[li, :, rows, :, self.glen] = new_kv[li].transpose(0, 1)  # [B, 2, Hkv, D] at own columns
             x = x + F.linear(self._decode_attention(li, q, gbias), w.wo, w.bo)
             x = x + _mlp(w, _rms_norm(x, w.post_norm, w.post_eps))
-        self.glen += 1
+        if t is None:
+            self.glen += 1
         self.tmax += 1
         self.t = None if t is None else t + 1
         return self._logits(x)
@@ -334,10 +337,12 @@ class FastLlama:
             return self.release()
         cols = self.tmax  # filled columns
         self.gkv[:, :, :b, :, :cols] = self.gkv[:, :, keep, :, :cols]  # only the filled columns are copied
-        row_prompt, self.row_g, self.glen, self.batch = self.row_prompt[keep], self.row_g[keep], self.glen[keep], b
+        row_prompt, self.row_g, self.batch = self.row_prompt[keep], self.row_g[keep], b
         if self.t is None:
+            self.glen = self.glen[keep]
             lo, hi = int(self.glen.min()), int(self.glen.max())
             self.tmax, self.t = hi, (hi if lo == hi else None)
+            self.glen = None if lo == hi else self.glen
         alive = torch.unique(row_prompt)  # [Pa'] ascending
         if alive.numel() < self.n_prompts:
             self.pkv[:, :, : alive.numel()] = self.pkv[:, :, alive]

@@ -348,7 +348,7 @@ class Engine:
         admitted = self.scheduler.admit(batch, joins)
         logits = []
         if len(batch):
-            positions = batch.last_pos + batch.length  # [B] position of the token fed now
+            positions = batch.last_pos + (batch.t if batch.t is not None else batch.length)  # [B] fed token's
             logits.append(self._backend.decode(batch.last, positions))
             self.stats.decode_steps += 1
             self.stats.decode_tokens += len(batch)
@@ -408,17 +408,27 @@ class Engine:
     def _advance(self, tokens: torch.Tensor, logprobs: torch.Tensor) -> list[RequestOutput]:
         """Record the sampled tokens, finish rows on a stop id or max_tokens, compact, report."""
         b = self.batch
-        all_live = b.n_live == len(b)
-        live = b.live
-        length = b.length + 1 if all_live else b.length + live  # [B] tokens per row after this one
+        all_live, live = b.n_live == len(b), b.live
         hit = torch.isin(tokens, self._eos)  # [B]
         if not b.all_eos:
             hit &= b.eos
         if b.stops is not None:
             hit |= (tokens[:, None] == b.stops).any(1)
-        hit = hit if all_live else hit & live
-        finished = hit | (length >= b.max_len) if all_live else (hit | (length >= b.max_len)) & live
-        b.length, b.last = length, tokens
+        if not all_live:
+            hit &= live
+        if b.t is not None:  # every row has the same length (admitted together): no per-row lengths
+            length = finished_len = b.t + 1
+            finished = hit
+            if length >= b.min_max_len:
+                full = length >= b.max_len
+                finished = hit | (full if all_live else full & live)
+            b.t = length
+        else:
+            length = b.length + 1 if all_live else b.length + live  # [B] tokens per row after this one
+            full = length >= b.max_len
+            finished = hit | (full if all_live else full & live)
+            b.length = finished_len = length
+        b.last = tokens
         self.stats.generated_tokens += b.n_live
         if self._dense is not None:
             self._record_dense(tokens, logprobs, length, live, all_live)
@@ -431,7 +441,8 @@ class Engine:
                 req.finish[k] = "stop" if was_hit else "length"
             if self._dense is not None:
                 d, sid = self._dense, b.sid[done]
-                d.lengths[sid], d.stopped[sid] = length[done], hit[done]
+                d.lengths[sid] = finished_len if isinstance(finished_len, int) else finished_len[done]
+                d.stopped[sid] = hit[done]
         outputs = [] if self._dense is not None else self._outputs(tokens, logprobs, live, all_live)
         for row in done:
             req, k = b.rows[row]
@@ -448,10 +459,14 @@ class Engine:
         return outputs
 
     def _record_dense(self, tokens, logprobs, length, live, all_live) -> None:
-        """generate(): write the live rows' tokens into the [N, max_new + 1] output buffers (finished rows
-        still in the batch write to the spare last column, which the Rollout never shows)."""
+        """generate(): write the sampled tokens into the [N, max_new + 1] output buffers. A finished row
+        still in the batch writes past its length (a uniform batch, as before the scheduler) or to the
+        spare last column: the Rollout never shows either."""
         d = self._dense
-        col = length - 1 if all_live else torch.where(live, length - 1, d.tokens.shape[1] - 1)
+        if isinstance(length, int) or all_live:
+            col = length - 1
+        else:
+            col = torch.where(live, length - 1, d.tokens.shape[1] - 1)
         d.tokens[self.batch.sid, col], d.logprobs[self.batch.sid, col] = tokens, logprobs
 
     def _outputs(self, tokens, logprobs, live, all_live) -> list[RequestOutput]:

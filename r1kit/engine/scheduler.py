@@ -52,7 +52,8 @@ class Request:
 class Batch:
     """The running rows (one per sample) and their per-row state, as tensors the step works on.
 
-    rows[i] = (request, sample index); row tensors are [B]: `length` tokens generated so far, `max_len`
+    rows[i] = (request, sample index); row tensors are [B]: `length` tokens generated so far (while every
+    row has the same length, the int `t` instead: one op less per step), `max_len`
     the request's max_tokens, `live` still generating (a finished row stays until the next compaction),
     `last` the token sampled last (fed at the next decode), `last_pos` (prompt length - 1), `eos` (EOS ends
     the row) and `stops` [B, S] extra stop ids (-1 padded; None when no row has any).
@@ -65,7 +66,9 @@ class Batch:
     def clear(self) -> None:
         dev = self.device
         self.rows: list[tuple[Request, int]] = []
-        self.length = torch.zeros(0, dtype=torch.long, device=dev)
+        self.t: int | None = None  # tokens every row has generated, while all rows joined together
+        self.length = torch.zeros(0, dtype=torch.long, device=dev)  # per row, when t is None
+        self.min_max_len = 0
         self.max_len = torch.zeros(0, dtype=torch.long, device=dev)
         self.last_pos = torch.zeros(0, dtype=torch.long, device=dev)  # prompt length - 1
         self.last = torch.zeros(0, dtype=torch.long, device=dev)
@@ -88,7 +91,12 @@ class Batch:
         def col(values, dtype=torch.long):
             return torch.tensor(values, dtype=dtype, device=dev)
 
-        self.length = torch.cat((self.length, col([0] * len(new))))
+        if not self.rows:
+            self.t = 0
+        elif self.t:  # rows at different lengths from now on: per-row lengths
+            self.length, self.t = torch.full((len(self.rows),), self.t, dtype=torch.long, device=dev), None
+        if self.t is None:
+            self.length = torch.cat((self.length, col([0] * len(new))))
         self.max_len = torch.cat((self.max_len, col([r.params.max_tokens for r, _ in new])))
         self.last_pos = torch.cat((self.last_pos, col([len(r.prompt) - 1 for r, _ in new])))
         self.last = torch.cat((self.last, col([0] * len(new))))
@@ -100,6 +108,7 @@ class Batch:
             stops = [list(r.stop_ids) + [-1] * (width - len(r.stop_ids)) for r, _ in self.rows + new]
             self.stops = col(stops)
         self.rows += new
+        self.min_max_len = min(r.params.max_tokens for r, _ in self.rows)
         self.n_live += len(new)
         self.all_eos = all(not r.params.ignore_eos for r, _ in self.rows)
         self._groups = self._plan = None
@@ -107,11 +116,16 @@ class Batch:
     def keep(self, keep: list[int]) -> None:
         """Keep only rows `keep` (ascending)."""
         idx = torch.tensor(keep, dtype=torch.long, device=self.device)
-        for name in ("length", "max_len", "last_pos", "last", "live", "eos", "sid"):
+        for name in ("max_len", "last_pos", "last", "live", "eos", "sid"):
             setattr(self, name, getattr(self, name)[idx])
         if self.stops is not None:
             self.stops = self.stops[idx]
         self.rows = [self.rows[i] for i in keep]
+        self.min_max_len = min((r.params.max_tokens for r, _ in self.rows), default=0)
+        if self.t is None:
+            self.length = self.length[idx]
+            if len(keep) and int(self.length.min()) == int(self.length.max()):
+                self.t = int(self.length[0])  # the survivors are level again
         self._groups = self._plan = None
 
     def retire(self, row: int) -> None:
