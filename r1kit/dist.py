@@ -195,8 +195,8 @@ def all_reduce_sum(x: torch.Tensor | float) -> torch.Tensor:
 
 
 def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's `x` along dim 0, in rank order (the global batch's row order).
-    Shapes may differ in dim 0 only... must be equal here: every rank holds an equal share."""
+    """Concatenate every rank's `x` along dim 0, in rank order (the global batch's row order). Every rank
+    must pass the same shape (an equal share of the batch)."""
     if world() <= 1:
         return x
     dev = x.device
