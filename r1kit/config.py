@@ -74,6 +74,11 @@ class PretrainConfig:
     # batches). On zero-tiny 8 pads 1.5x less per step, but its bases sampled the worked style less often
     # (readiness scores 0.145-0.32 against 0.40-0.47 with plain batches), so it is off by default.
     bucket_pool: int = 1
+    # Packed batches (r1kit/trainers/packed_forward.py): the documents' tokens without padding through the
+    # projections and MLPs, attention within each document, the LM head at predicting tokens only. The same
+    # batches, order and token weights as padded batches; losses and gradients equal up to float rounding.
+    # Llama-family models only (others use the padded forward, with a warning).
+    packed: bool = False
     # Readiness gate (0 = off: one `steps`-long cosine cycle, whatever the result). R1-Zero needs a base
     # that is right *sometimes*, and whether a tiny model picks up the worked procedure in a fixed budget
     # varies with the seed. With the gate on, at the end of a cycle the model is sampled on `gate_problems`

@@ -42,7 +42,8 @@ from torch import nn
 from r1kit.engine.fast_llama import fast_path_problem
 from r1kit.types import R1KitError, Rollout
 
-__all__ = ["PackedLayout", "completion_logprobs", "pack_rows", "packed_problem", "packed_token_logprobs"]
+__all__ = ["PackedLayout", "completion_logprobs", "pack_documents", "pack_rows", "packed_batch_loss",
+           "packed_problem", "packed_token_logprobs"]
 
 
 def packed_problem(model: nn.Module) -> str | None:
@@ -163,11 +164,13 @@ def _attention(qkv: torch.Tensor, lay: PackedLayout, n_heads: int, n_kv: int, sc
     pv = qkv.index_select(0, lay.prompt_view).view(U, tp, -1, D)  # [U, tp, Hq + 2Hkv, D]
     qp, kp, vp = heads(pv[:, :, :n_heads]), heads(pv[:, :, n_heads:-n_kv]), heads(pv[:, :, -n_kv:])
     op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=gqa)  # [U, Hq, tp, D]
+    flat = lambda o: o.transpose(1, 2).reshape(-1, n_heads * D)  # noqa: E731  [rows, H, cols, D] -> [rows*cols, H*D]
+    if B == 0:  # documents only (pretraining)
+        return flat(op).index_select(0, lay.out_index)  # [T, Hq * D]
     qc = heads(qkv[:, :n_heads].index_select(0, lay.query_view).view(B, tc, n_heads, D))  # [B, Hq, tc, D]
     kv = qkv[:, n_heads:].index_select(0, lay.key_view).view(B, tp + tc, 2 * n_kv, D)  # [B, tp + tc, 2Hkv, D]
     oc = F.scaled_dot_product_attention(qc, heads(kv[:, :, :n_kv]), heads(kv[:, :, n_kv:]), attn_mask=lay.key_mask,
                                         scale=scale, enable_gqa=gqa)  # [B, Hq, tc, D]
-    flat = lambda o: o.transpose(1, 2).reshape(-1, n_heads * D)  # noqa: E731  [rows, H, cols, D] -> [rows*cols, H*D]
     return torch.cat([flat(op), flat(oc)]).index_select(0, lay.out_index)  # [T, Hq * D]
 
 
@@ -224,6 +227,38 @@ def packed_token_logprobs(
             ent = -(logp_all.exp() * logp_all).sum(-1)  # [M]
             entropy = torch.where(lay.valid, ent.new_zeros(shape).index_put(where, ent), 0.0)  # [B, Tc]
     return logprobs, entropy
+
+
+def pack_documents(docs: list[list[int]], device: torch.device | str = "cpu") -> PackedLayout:
+    """Stage 0's batch of documents as a packed layout: each document a causal "prompt" with no completions;
+    the predictors are every token but a document's last, the targets the token after each."""
+    lens = torch.tensor([len(d) for d in docs], device=device)  # [U]
+    if not docs or bool((lens == 0).any()):
+        raise R1KitError("pretrain: a batch holds an empty document")
+    U, tp = len(docs), int(lens.max())
+    valid = torch.arange(tp, device=device)[None] < lens[:, None]  # [U, tp]
+    ids = torch.tensor([t for d in docs for t in d], dtype=torch.long, device=device)  # [T]
+    view = torch.zeros(U * tp, dtype=torch.long, device=device)
+    view[valid.reshape(-1)] = torch.arange(ids.numel(), device=device)
+    positions = torch.arange(tp, device=device)[None].expand(U, tp)[valid]  # [T]
+    is_last = torch.zeros(ids.numel(), dtype=torch.bool, device=device)
+    is_last[lens.cumsum(0) - 1] = True
+    predictors = (~is_last).nonzero().squeeze(1)  # [M]
+    none = torch.zeros(0, dtype=torch.long, device=device)
+    return PackedLayout(ids, positions, view, none, none, torch.zeros(0, 1, 0, tp, dtype=torch.bool, device=device),
+                        valid.reshape(-1).nonzero().squeeze(1), predictors, none, none, ids[predictors + 1],
+                        torch.zeros(0, 0, dtype=torch.bool, device=device), U, tp, 0)
+
+
+def packed_batch_loss(model: nn.Module, batch: list[list[int]], per: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`r1kit.trainers.pretrain.batch_loss` without padding: (objective, per-token mean loss) of next-token
+    prediction on a batch of documents, the summed loss over `per` tokens (or the batch's own token count)."""
+    lay = pack_documents(batch, next(model.parameters()).device)
+    x = packed_hidden(model, lay)[lay.predictors]  # [M, H]
+    logits = model.get_output_embeddings()(model.model.norm(x)).float()  # [M, V]
+    total = F.cross_entropy(logits, lay.targets, reduction="sum")
+    n = lay.targets.numel()
+    return total / (n if per is None else per), total.detach() / n
 
 
 def completion_logprobs(

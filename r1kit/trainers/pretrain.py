@@ -15,6 +15,7 @@ import math
 import random
 import sys
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -26,6 +27,7 @@ from r1kit.config import PretrainConfig
 from r1kit.corpus import CorpusDoc
 from r1kit.policy import Policy
 from r1kit.progress import progress_bar
+from r1kit.trainers.packed_forward import packed_batch_loss, packed_problem
 from r1kit.types import R1KitError
 
 
@@ -96,6 +98,13 @@ def batch_loss(model, batch: list[list[int]], pad: int, per: float | None = None
     return total / (n if per is None else per), total.detach() / n
 
 
+def _packed_ok(model) -> bool:
+    reason = packed_problem(model)
+    if reason is not None:
+        warnings.warn(f"pretrain.packed: {reason}; using padded batches", stacklevel=2)
+    return reason is None
+
+
 def validate(cfg: PretrainConfig) -> None:
     checks = [("steps", cfg.steps > 0, "a positive integer"), ("batch_size", cfg.batch_size > 0, "a positive integer"),
               ("lr", cfg.lr > 0, "positive"), ("bucket_pool", cfg.bucket_pool >= 1, "at least 1 (1 = no length bucketing)"), ("warmup_steps", cfg.warmup_steps >= 1, "at least 1"),
@@ -135,6 +144,7 @@ def pretrain(policy: Policy, docs: list[CorpusDoc], cfg: PretrainConfig, seed: i
     opt = policy.make_optimizer(cfg.lr, cfg.weight_decay, betas=(0.9, 0.95))
     model.train()
     pad = tokenizer.pad_token_id
+    packed = cfg.packed and _packed_ok(model)
     sched = Schedule(cfg)
     log, t0 = [], time.time()
     bar = progress_bar(None, desc="pretrain", enabled=show_progress and dist.is_main(), total=cfg.steps)
@@ -162,7 +172,7 @@ def pretrain(policy: Policy, docs: list[CorpusDoc], cfg: PretrainConfig, seed: i
         # the global token count normalises every rank's sum (one process: the batch's own mean, as before)
         per = expected_tokens if cfg.bucket_pool > 1 else None if dist.world() == 1 else sum(len(d) - 1 for d in batch)
         with policy.autocast():
-            objective, loss = batch_loss(model, mine, pad, per)
+            objective, loss = packed_batch_loss(model, mine, per) if packed else batch_loss(model, mine, pad, per)
         for g in opt.param_groups:
             g["lr"] = sched.lr(step)
         opt.zero_grad(set_to_none=True)
