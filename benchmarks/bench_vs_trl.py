@@ -15,10 +15,12 @@ An r1kit step is the wall time of `GRPOTrainer.step()`.
 
     pip install "trl==1.16.*"      # optional, benchmark-only; not an r1kit dependency
     python benchmarks/bench_vs_trl.py [--steps 8] [--warmup 2] [--round 2] [--threads 1]
-        [--packed off|on|both] [--beta 0.04] [--max-new 256] [--tag NAME]
-Writes benchmarks/results/vs_trl[_NAME].json and .md. `--packed on` sets grpo.packed_update (r1kit's packed,
-shared-prefix update); `both` runs a padded and a packed r1kit trainer in every round, side by side with
-TRL. `--beta` > 0 gives every trainer a frozen reference copy of the initial weights.
+        [--variants padded,packed,packed_bf16] [--beta 0.04] [--max-new 256] [--tag NAME]
+Writes benchmarks/results/vs_trl[_NAME].json and .md. `--variants` lists the r1kit trainers that run in every
+round, side by side with TRL: `padded` (the default update), `packed` (grpo.packed_update: no padding, each
+prompt once per group, LM head at completion tokens only), `*_bf16` (model.mixed_precision=bf16: bf16
+autocast with fp32 master weights; TRL stays fp32). `--beta` > 0 gives every trainer a frozen reference
+copy of the initial weights.
 The r1kit phase split (generate, score, logprobs, update) and the update phase's model FLOP utilisation
 (MFU: 6 x parameters x tokens of each completion with its prompt, over the update's seconds and the
 fp32 matmul peak of ../shared/NOTES.md, 100 GFLOP/s on 2 threads) are in the output.
@@ -70,6 +72,8 @@ from r1kit.types import Problem  # noqa: E402
 PROMPTS, GROUP, LR, SEED = 4, 8, 1e-4, 0
 PEAK_GFLOPS = {1: 50.0, 2: 100.0}  # fp32 matmul peak on this CPU by thread count (NOTES.md "Compute")
 PHASES = ("generate", "score", "logprobs", "update")
+# r1kit trainer variants -> their names in the results
+VARIANTS = {"padded": "r1kit", "packed": "r1kit_packed", "padded_bf16": "r1kit_bf16", "packed_bf16": "r1kit_packed_bf16"}
 REWARD_WEIGHTS = {"accuracy": 1.0, "format": 0.1}  # r1kit's defaults, given to both trainers
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -147,20 +151,22 @@ def summarize(times: list[float], tokens: list[int]) -> dict:
 class R1kitRun:
     """One r1kit GRPOTrainer on its own copy of the saved weights, with its step times and phase split."""
 
-    def __init__(self, tmp: Path, problems: list[Problem], ns, packed: bool, total: int):
+    def __init__(self, tmp: Path, problems: list[Problem], ns, variant: str, total: int):
+        packed, bf16 = variant.startswith("packed"), variant.endswith("_bf16")
         cfg = load_config(RunConfig, None, [
             f"grpo.prompts_per_step={PROMPTS}", f"grpo.group_size={GROUP}", f"grpo.max_new_tokens={ns.max_new}",
             f"grpo.beta={ns.beta}", f"grpo.packed_update={str(packed).lower()}", "grpo.temperature=1.0",
             "grpo.top_p=1.0", f"grpo.lr={LR}", "grpo.updates_per_batch=1",
             "grpo.micro_batch_size=32", "grpo.grad_clip=1.0", "grpo.weight_decay=0.0", "model.dtype=float32",
             f"grpo.steps={total}", "log.progress=false", "log.tensorboard=false", "log.save_every=0",
-            "log.sample_every=0", "eval.every=0", f"output_dir={tmp / 'r1kit'}", f"name=vs_trl_{int(packed)}",
+            "log.sample_every=0", "eval.every=0", f"output_dir={tmp / 'r1kit'}", f"name=vs_trl_{variant}",
             f"seed={SEED}"])
         cfg.grpo.reward_weights = dict(REWARD_WEIGHTS)
         model, tok = load_model(tmp / "init")
         ref = load_model(tmp / "init")[0].eval() if ns.beta > 0 else None
         self.task = FixedOrderTask(problems)
-        self.trainer = GRPOTrainer(cfg, Policy(model, tok, device="cpu"), self.task, cfg.run_dir, ref_model=ref)
+        policy = Policy(model, tok, device="cpu", mixed_precision="bf16" if bf16 else "no")
+        self.trainer = GRPOTrainer(cfg, policy, self.task, cfg.run_dir, ref_model=ref)
         self.times: list[float] = []
         self.tokens: list[int] = []
         self.phases: list[dict[str, float]] = []
@@ -191,12 +197,14 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per trainer first")
     ap.add_argument("--round", type=int, default=2, help="steps of one trainer before switching to the other")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--packed", choices=("off", "on", "both"), default="off",
-                    help="r1kit's grpo.packed_update; both: two r1kit trainers, padded and packed, in every round")
+    ap.add_argument("--variants", default="padded", help=f"r1kit trainers, comma-separated, of {VARIANTS}")
     ap.add_argument("--beta", type=float, default=0.0, help="KL coefficient for both (a reference model when > 0)")
     ap.add_argument("--max-new", type=int, default=64, help="max new tokens per completion, both")
     ap.add_argument("--tag", default="", help="suffix of the result files (vs_trl_TAG.json)")
     ns = ap.parse_args()
+    variants = ns.variants.split(",")
+    if set(variants) - set(VARIANTS) or not variants:
+        ap.error(f"--variants: comma-separated names of {VARIANTS}, got {ns.variants!r}")
     if ns.steps % ns.round or ns.warmup % ns.round:
         ap.error("--steps and --warmup must be multiples of --round")
     torch.set_num_threads(ns.threads)
@@ -218,8 +226,7 @@ def main() -> None:
         trl_model, trl_tok = load_model(tmp / "init")  # two independent copies of the same weights
 
         # ---- r1kit (padded and/or packed update, each its own copy of the weights) -----------------------
-        variants = {"off": [False], "on": [True], "both": [False, True]}[ns.packed]
-        runs = {("r1kit_packed" if packed else "r1kit"): R1kitRun(tmp, problems, ns, packed, total) for packed in variants}
+        runs = {VARIANTS[v]: R1kitRun(tmp, problems, ns, v, total) for v in variants}
 
         def run_r1kit_round(n: int) -> None:
             for run in runs.values():
@@ -270,7 +277,8 @@ def main() -> None:
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": md.version("transformers"), "trl": md.version("trl"),
                      "accelerate": md.version("accelerate"), "datasets": md.version("datasets")},
-        "threads": ns.threads, "packed_update": ns.packed, "torch_threads_seen_during_run": sorted(threads_seen), "cpu_count": os.cpu_count(),
+        "threads": ns.threads, "r1kit_variants": variants, "torch_threads_seen_during_run": sorted(threads_seen),
+        "cpu_count": os.cpu_count(),
         "loadavg_before": list(load_before), "loadavg_after": list(load_after),
         "setting": {"params": params, "arch": "llama", "hidden": 256, "layers": 4, "heads": 4, "intermediate": 768,
                     "dtype": "float32", "prompts_per_step": PROMPTS, "group_size": GROUP,
@@ -307,9 +315,9 @@ def main() -> None:
 
 def render_md(o: dict) -> str:
     t, v, s = o["trl"], o["versions"], o["setting"]
-    names = [n for n in ("r1kit", "r1kit_packed") if n in o]
+    names = [n for n in VARIANTS.values() if n in o]
     r = o[names[0]]
-    label = {"r1kit": "r1kit GRPOTrainer", "r1kit_packed": "r1kit GRPOTrainer, packed_update"}
+    label = {n: "r1kit GRPOTrainer" + ("" if v == "padded" else f", {v}") for v, n in VARIANTS.items()}
     rows = "\n".join(
         f"| {name} | {x['median_s_per_step']:.3f} | {x['mean_s_per_step']:.3f} | {x['min_s_per_step']:.3f}–"
         f"{x['max_s_per_step']:.3f} | {x['completion_tokens_per_step_mean']:.0f} | {x['completion_tokens_per_s']:.0f} |"
@@ -332,7 +340,7 @@ def render_md(o: dict) -> str:
 {summary}
 
 Update MFU: 6 x parameters x tokens of each completion with its prompt (the work of the unshared, unpadded
-computation), over the update phase's seconds and a {peak:.0f} GFLOP/s fp32 matmul peak.
+computation), over the update phase's seconds and a {peak:.0f} GFLOP/s fp32 matmul peak (bf16 variants too).
 {o['schedule']['timed_steps_each']} timed steps each after {o['schedule']['warmup_steps_each']} warm-up steps each,
 interleaved in rounds of {o['schedule']['round']} (TRL, then each r1kit trainer), so load drift hits all. Tokens/s is total
 completion tokens over total step time.
