@@ -39,7 +39,7 @@ def test_extract_program_prefers_the_answer_then_the_last_fence():
     assert extract_program("<answer> print(2) </answer>") == "print(2)"
     two = "```python\nfirst()\n```\ntext\n```\nsecond()\n```"
     assert extract_program(two) == "second()"
-    assert extract_program(f"<think> ```python\nthink()\n``` </think> <answer>\n```py\nanswer()\n```\n</answer>") == "answer()"
+    assert extract_program("<think> ```python\nthink()\n``` </think> <answer>\n```py\nanswer()\n```\n</answer>") == "answer()"
     assert extract_program("no code here") is None
     assert extract_program("```python\nunclosed()") is None
     assert program_in("  ") is None
@@ -210,3 +210,13 @@ def test_code_style_without_tests_field_is_refused(tmp_path):
     path.write_text(json.dumps({"problem": "x", "answer": "y"}) + "\n")
     with pytest.raises(R1KitError, match="tests_field"):
         make_task("file", path=path, answer_style="code")
+
+
+def test_r1kit_eval_reads_code_problems_from_a_file(tmp_path):
+    from r1kit.evaluation.cli import build_parser, load_problems
+
+    path = tmp_path / "code.jsonl"
+    path.write_text(json.dumps({"problem": "square", "t": {"entry_point": "square", "asserts": ["assert candidate(2) == 4"]}}))
+    args = build_parser().parse_args(["--model", "m", "--data", str(path), "--answer-style", "code", "--tests-field", "t"])
+    (problem,), _ = load_problems(args)
+    assert problem.tests.entry_point == "square" and REWARD_FUNCS["code"](wrap(SOLVES_SQUARE), problem) == 1.0

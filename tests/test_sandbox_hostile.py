@@ -73,7 +73,7 @@ def test_busy_threads_are_cut_by_cpu_time():
 
 
 def test_memory_bomb_gets_memory_verdict():
-    r = run("x = []\nwhile True: x.append(bytearray(1 << 24))")
+    r = run("x = []\nwhile True: x.append(bytearray(1 << 24))", limits=Limits(timeout_s=10, cpu_s=10, memory_mb=256))
     assert r.status == "memory"
 
 

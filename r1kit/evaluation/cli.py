@@ -3,6 +3,8 @@
     r1kit eval --model runs/r1-zero/final --benchmark math500 --k 4 --pass-k 1,2,4 --by subject,level --out eval/
     r1kit eval --model runs/base-tiny --benchmark arithmetic --limit 100 --k 8
     r1kit eval --model M --data my.jsonl --problem-field question --answer-field answer --answer-style math
+    r1kit eval --model M --benchmark humaneval --k 10 --pass-k 1,10
+    r1kit eval --model M --data code.jsonl --answer-style code --tests-field tests
 
 --benchmark takes any registered task name: the file benchmarks (math500, gsm8k, aime24; files found
 under $R1KIT_DATA_DIR) and the synthetic tasks (arithmetic, countdown), which are evaluated on their
@@ -43,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--problem-field", default="problem", help="with --data: the question field")
     ap.add_argument("--answer-field", default="answer", help="with --data: the reference answer field")
     ap.add_argument("--id-field", default=None, help="with --data: a unique id field (default: the line number)")
-    ap.add_argument("--answer-style", default="math", help="with --data: exact, numeric, math or countdown")
+    ap.add_argument("--answer-style", default="math", help="with --data: exact, numeric, math, countdown or code")
+    ap.add_argument("--tests-field", default=None,
+                    help="with --data and --answer-style code: the field holding each problem's tests")
     ap.add_argument("--k", type=int, default=4, help="samples per problem")
     ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--top-p", type=float, default=0.95)
@@ -73,6 +77,7 @@ def load_problems(args: argparse.Namespace) -> tuple[list, str]:
         task = make_task(
             "file", path=args.data, task_name=args.data.stem, problem_field=args.problem_field,
             answer_field=args.answer_field, id_field=args.id_field, answer_style=args.answer_style,
+            tests_field=args.tests_field,
             meta_fields=meta, test_fraction=1.0,
         )
         name = str(args.data)

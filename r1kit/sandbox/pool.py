@@ -21,6 +21,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from r1kit.sandbox.wire import read_frame
 from r1kit.types import R1KitError
 
 log = logging.getLogger("r1kit.sandbox")
@@ -80,23 +81,6 @@ def _write_all(fd: int, data: bytes, deadline: float) -> None:
 def _frame(obj) -> bytes:
     data = json.dumps(obj).encode()
     return struct.pack("<Q", len(data)) + data
-
-
-def _read_frame(fd: int, deadline: float):
-    def exact(n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                raise TimeoutError("no answer from the box")
-            chunk = os.read(fd, n - len(buf))
-            if not chunk:
-                raise EOFError("the box closed its result pipe")
-            buf += chunk
-        return buf
-
-    (n,) = struct.unpack("<Q", exact(8))
-    return json.loads(exact(n))
 
 
 class SandboxPool:
@@ -174,7 +158,7 @@ class SandboxPool:
             return {"sandbox_error": f"could not start a box: {e}"}
         box_pid = None
         try:
-            box_pid = _read_frame(res_r, time.monotonic() + STARTUP_TIMEOUT_S)["pid"]
+            box_pid = read_frame(res_r, time.monotonic() + STARTUP_TIMEOUT_S)["pid"]
             payload = _frame(job) + (_frame(secret) if secret is not None else b"")
             try:
                 _write_all(job_w, payload, deadline)
@@ -182,7 +166,7 @@ class SandboxPool:
                 pass  # the box stopped reading (it failed early): its report says why
             os.close(job_w)
             job_w = -1
-            return _read_frame(res_r, deadline)
+            return read_frame(res_r, deadline)
         except (TimeoutError, EOFError, OSError, ValueError, KeyError) as e:
             if box_pid is not None:
                 try:
