@@ -297,10 +297,12 @@ def test_disconnect_cancels_the_request(server, client):
         got += 1
         if got == 5:
             break
-    assert server.health()["requests"] == 1
+    h = server.health()
+    assert h["requests"] == 1 and h["cache"]["extra"]["referenced_blocks"] >= 1  # its prompt's cached blocks
     stream.close()  # the client goes away mid-stream
     h = _wait_idle(server)
     assert h["steps"] - before < 600, "the engine kept decoding a request whose client had left"
+    assert h["cache"]["extra"]["referenced_blocks"] == 0  # released (kept, unreferenced, for later hits)
 
 
 def test_queue_full_is_429_not_unbounded(server, client):

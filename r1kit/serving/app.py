@@ -32,7 +32,7 @@ from r1kit.engine.api import SamplingParams
 from r1kit.serving.engine_loop import EngineClosed, EngineLoop, QueueFull
 from r1kit.serving.protocol import (APIError, ChatCompletionRequest, CompletionRequest, Limits,
                                     check_token_budget, new_id, now, parse_request, usage)
-from r1kit.serving.reasoning import IncrementalDetokenizer, ReasoningSplitter, SampleText, StopMatcher
+from r1kit.serving.reasoning import IncrementalDetokenizer, ReasoningSplitter, SampleText, SplitDelta, StopMatcher
 
 log = logging.getLogger("r1kit.serve")
 FINGERPRINT = "r1kit-0.1.0"
@@ -125,13 +125,29 @@ class Generation:
             raise APIError(503, str(e), code="shutting_down") from None
 
     async def updates(self):
-        """Yield, per engine step, [(choice index, SplitDelta, finish_reason or None)]."""
+        """Yield, per wake-up, {choice index: (SplitDelta, finish_reason or None)} in first-seen order.
+
+        Everything queued since the last wake-up is merged (one engine step when the server keeps up,
+        several when it is loaded): fewer, larger chunks instead of falling further behind."""
         try:
             while len(self.finish) < self.n_choices:
-                item = await self.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield [u for out in item if (u := self._apply(out)) is not None]
+                items = [await self.queue.get()]
+                while not self.queue.empty():
+                    items.append(self.queue.get_nowait())
+                merged: dict[int, tuple[SplitDelta, str | None]] = {}
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                    for out in item:
+                        u = self._apply(out)
+                        if u is not None:
+                            idx, d, finish = u
+                            prev = merged.get(idx)
+                            if prev is not None:
+                                d = SplitDelta(prev[0].reasoning + d.reasoning, prev[0].content + d.content)
+                                finish = finish or prev[1]
+                            merged[idx] = (d, finish)
+                yield merged
         finally:
             self.close()
 
@@ -269,13 +285,16 @@ async def _chat_events(state: ServerState, gen: Generation, rid: str, created: i
         for idx in range(gen.n_choices):
             yield chunk(idx, {"role": "assistant", "content": ""})
         async for updates in gen.updates():
-            for idx, d, finish in updates:
+            events = []  # one write per wake-up
+            for idx, (d, finish) in updates.items():
                 if d.reasoning:
-                    yield chunk(idx, {"reasoning_content": d.reasoning})
+                    events.append(chunk(idx, {"reasoning_content": d.reasoning}))
                 if d.content:
-                    yield chunk(idx, {"content": d.content})
+                    events.append(chunk(idx, {"content": d.content}))
                 if finish:
-                    yield chunk(idx, {}, finish)
+                    events.append(chunk(idx, {}, finish))
+            if events:
+                yield "".join(events)
         if include_usage:
             yield _sse({**head, "choices": [], "usage": gen.usage(chat=True)})
         yield "data: [DONE]\n\n"
@@ -312,13 +331,16 @@ async def completions(request: Request) -> Response:
 async def _completion_events(gen: Generation, head: dict, include_usage: bool):
     try:
         async for updates in gen.updates():
-            for idx, d, finish in updates:
+            events = []
+            for idx, (d, finish) in updates.items():
                 if d.content or finish:
                     c = {**head, "choices": [{"index": idx, "text": d.content, "logprobs": None,
                                               "finish_reason": finish}]}
                     if include_usage:
                         c["usage"] = None
-                    yield _sse(c)
+                    events.append(_sse(c))
+            if events:
+                yield "".join(events)
         if include_usage:
             yield _sse({**head, "choices": [], "usage": gen.usage(chat=False)})
         yield "data: [DONE]\n\n"

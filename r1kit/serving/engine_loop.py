@@ -54,6 +54,11 @@ class RequestStream:
         return item
 
 
+def _deliver(deliveries: list[tuple[asyncio.Queue, list[RequestOutput]]]) -> None:
+    for queue, outs in deliveries:
+        queue.put_nowait(outs)
+
+
 class EngineLoop:
     """Owns the engine thread. Create inside a running event loop (the app's lifespan), then `start()`."""
 
@@ -169,11 +174,13 @@ class EngineLoop:
                     self.engine.abort(rid)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        """Hand a step's outputs to their requests' queues: one event-loop wake-up per step, not per request."""
         by_request: dict[str, list[RequestOutput]] = {}
         for out in outputs:
             by_request.setdefault(out.request_id, []).append(out)
-        for rid, outs in by_request.items():
-            with self._lock:
+        deliveries = []
+        with self._lock:
+            for rid, outs in by_request.items():
                 stream = self._streams.get(rid)
                 if stream is None:
                     continue  # aborted meanwhile
@@ -181,7 +188,9 @@ class EngineLoop:
                 if len(stream.finished) >= stream.n:
                     del self._streams[rid]
                     self._pending -= stream.n
-            self.loop.call_soon_threadsafe(stream.queue.put_nowait, outs)
+                deliveries.append((stream.queue, outs))
+        if deliveries:
+            self.loop.call_soon_threadsafe(_deliver, deliveries)
 
     def _fail(self, rid: str, error: Exception) -> None:
         with self._lock:
