@@ -183,3 +183,27 @@ def test_no_leaks_over_ten_thousand_runs():
     assert all(r.status == "ok" for r in results)
     assert_clean()
     assert len(os.listdir("/proc/self/fd")) <= fds_before + 2
+
+
+def test_a_pool_started_from_a_short_lived_thread_survives_it():
+    """The parent-death signal fires when the *thread* that forked a child exits; servers and verifier workers
+    are spawned from one long-lived thread, so a pool created in a finished thread keeps working."""
+    import threading
+
+    from r1kit.rewards import mathverify
+
+    made = {}
+    mathverify.shutdown_pool()
+
+    def start():
+        made["pool"] = SandboxPool(workers=1)
+        mathverify.warm_up()
+
+    t = threading.Thread(target=start)
+    t.start()
+    t.join()
+    time.sleep(0.3)
+    with made["pool"] as pool:
+        assert pool._server.alive() and run_program("print(5)", pool=pool).stdout == "5\n"
+    assert all(w.proc.poll() is None for w in list(mathverify.get_pool()._idle.queue))
+    assert mathverify.verify_math("\\frac{2}{4}", "0.5").correct

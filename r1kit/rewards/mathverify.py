@@ -249,7 +249,10 @@ class _Worker:
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         # -P: do not put this file's directory (r1kit/rewards) first on sys.path, where graders.py and
         # friends could shadow a library module of the same name.
-        self.proc = subprocess.Popen(
+        from r1kit.sandbox.pool import spawn  # the parent side only: a worker never builds a _Worker
+
+        # Spawned from one long-lived thread: the worker's parent-death signal fires when that thread ends.
+        self.proc = spawn(
             [sys.executable, "-P", os.path.abspath(__file__), str(os.getpid())],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import select
 import signal
 import socket
@@ -30,6 +31,41 @@ STARTUP_TIMEOUT_S = 30.0
 GRACE_S = 10.0  # beyond the job's own deadline, before the parent gives up on a box
 
 
+class _Spawner:
+    """Starts child processes from one long-lived daemon thread.
+
+    PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not the process: a fork server or
+    verifier worker started from a short-lived thread (a request handler, a user's worker thread) would be
+    killed when that thread ends. Spawning from this thread ties their lives to the process instead."""
+
+    def __init__(self) -> None:
+        self._requests: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._pid = -1
+        self._lock = threading.Lock()
+
+    def _serve(self) -> None:
+        while True:
+            args, kwargs, done = self._requests.get()
+            try:
+                done.set_result(subprocess.Popen(*args, **kwargs))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                done.set_exception(e)
+
+    def popen(self, *args, **kwargs) -> subprocess.Popen:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._serve, name="r1kit-spawner", daemon=True)
+                self._thread.start()
+        done: Future = Future()
+        self._requests.put((args, kwargs, done))
+        return done.result()
+
+
+spawn = _Spawner().popen
+
+
 class _Server:
     """One fork-server process and the parent's end of its socket."""
 
@@ -37,7 +73,7 @@ class _Server:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock = mine
         # -I -S: no user site, no PYTHONPATH, no site-packages: the boxes are forks of this interpreter.
-        self.proc = subprocess.Popen(
+        self.proc = spawn(
             [sys.executable, "-I", "-S", SERVER, str(theirs.fileno()), str(os.getpid())],
             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True,
         )
