@@ -88,6 +88,22 @@ def ours(engine, prompts, *, temperature: float, top_p: float, seed: int) -> int
     return int(r.completion_mask.sum())
 
 
+def aten_ops(fn) -> int:
+    """How many aten ops `fn()` dispatches: a load-independent measure of per-step overhead."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
 def timed(fn) -> tuple[float, int, float]:
     """-> (wall seconds, tokens, CPU seconds of this process: less swayed by other processes' load)."""
     t0, c0 = time.perf_counter(), time.process_time()
@@ -128,6 +144,8 @@ def bench_setting(model, prompts, name, *, fixed, temperature, top_p, repeats, a
             "median_paired_cpu": statistics.median(b[2] / o[2] for o, b in pairs),
             "best_wall": min(b[0] for _, b in pairs) / min(o[0] for o, _ in pairs),
             "paired_wall": [b[0] / o[0] for o, b in pairs],
+            "aten_ops_per_call": {k: aten_ops(lambda: ours(variants[k], prompts, temperature=temperature,
+                                                               top_p=top_p, seed=0)) for k in ("ours", "baseline")},
         }
     stats = variants["ours"].stats
     result["ours_stats_per_call"] = {k: v / (repeats + 1) for k, v in vars(stats).items()}
@@ -262,7 +280,8 @@ def main() -> None:
             v = r["ours_vs_baseline"]
             print(f"{r['setting']:<16}ours / baseline speed, median of paired repeats: wall "
                   f"{v['median_paired_wall']:.3f}x, CPU time {v['median_paired_cpu']:.3f}x; "
-                  f"best wall {v['best_wall']:.3f}x")
+                  f"best wall {v['best_wall']:.3f}x; aten ops per call {v['aten_ops_per_call']['ours']} vs "
+                  f"{v['aten_ops_per_call']['baseline']}")
     print(f"wrote {args.out}")
 
 

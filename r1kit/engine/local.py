@@ -432,17 +432,17 @@ class Engine:
         self.stats.generated_tokens += b.n_live
         if self._dense is not None:
             self._record_dense(tokens, logprobs, length, live, all_live)
-        done = finished.nonzero().squeeze(1).tolist()  # the step's one host sync
+        done = finished.nonzero().squeeze(1).tolist() if bool(finished.any()) else []  # host syncs
         if done:
-            b.live = live & ~finished
-            hits = hit[done].tolist()
-            for row, was_hit in zip(done, hits):
+            b.live = live ^ finished  # finished rows are live ones
+            hit_done = hit[done]
+            for row, was_hit in zip(done, hit_done.tolist()):
                 req, k = b.rows[row]
                 req.finish[k] = "stop" if was_hit else "length"
             if self._dense is not None:
                 d, sid = self._dense, b.sid[done]
                 d.lengths[sid] = finished_len if isinstance(finished_len, int) else finished_len[done]
-                d.stopped[sid] = hit[done]
+                d.stopped[sid] = hit_done
         outputs = [] if self._dense is not None else self._outputs(tokens, logprobs, live, all_live)
         for row in done:
             req, k = b.rows[row]
@@ -486,7 +486,7 @@ class Engine:
     def _compact(self) -> None:
         keep = self.batch.live.nonzero().squeeze(1)  # [b] ascending
         self._backend.keep_rows(keep, trim=self._dense is None)
-        self.batch.keep(keep.tolist())
+        self.batch.keep(keep)
         self.stats.compactions += 1
 
     def _release(self) -> None:

@@ -113,9 +113,9 @@ class Batch:
         self.all_eos = all(not r.params.ignore_eos for r, _ in self.rows)
         self._groups = self._plan = None
 
-    def keep(self, keep: list[int]) -> None:
-        """Keep only rows `keep` (ascending)."""
-        idx = torch.tensor(keep, dtype=torch.long, device=self.device)
+    def keep(self, idx: torch.Tensor) -> None:
+        """Keep only rows `idx` [b] (ascending)."""
+        keep = idx.tolist()
         for name in ("max_len", "last_pos", "last", "live", "eos", "sid"):
             setattr(self, name, getattr(self, name)[idx])
         if self.stops is not None:
