@@ -100,7 +100,8 @@ def cmd_generate(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="r1kit generate", description="Sample completions from a model.")
     ap.add_argument("--model", required=True, help="HF causal-LM folder")
     ap.add_argument("--prompt", action="append", required=True, help="question (repeatable)")
-    ap.add_argument("--template", default="r1_zero", help="r1_zero | plain | none | a format string with {question}")
+    ap.add_argument("--template", default="r1_zero",
+                    help="r1_zero | plain | chat (the model's chat template) | none | a format string with {question}")
     ap.add_argument("--n", type=int, default=1, help="samples per prompt")
     ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--top-p", type=float, default=0.95)
@@ -116,7 +117,7 @@ def cmd_generate(argv: list[str]) -> int:
 
     policy = Policy.load(ns.model, device=ns.device)  # a bad folder is an error naming it
     tok, eng = policy.tokenizer, policy.make_engine(ns.backend)
-    texts = [q if ns.template == "none" else render_prompt(q, ns.template) for q in ns.prompt]
+    texts = [q if ns.template == "none" else render_prompt(q, ns.template, tok) for q in ns.prompt]
     ro = eng.generate([tok(t).input_ids for t in texts], group_size=ns.n, max_new_tokens=ns.max_new_tokens,
                       temperature=ns.temperature, top_p=ns.top_p, generator=policy.generator(ns.seed))
     for i, c in enumerate(decode_completions(tok, ro)):

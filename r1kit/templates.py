@@ -23,10 +23,18 @@ R1_ZERO_TEMPLATE = (
 )
 
 TEMPLATES = {"r1_zero": R1_ZERO_TEMPLATE, "plain": "{question}\n"}
+# "chat": the model's own chat template (tokenizer.apply_chat_template), the R1-Zero instruction as the system turn
+CHAT_SYSTEM = ("The Assistant first thinks in <think> </think>, then answers in <answer> </answer>.")
 
 
-def render_prompt(question: str, template: str = "r1_zero") -> str:
-    """The text the policy continues. `template` is a TEMPLATES name or a format string with {question}."""
+def render_prompt(question: str, template: str = "r1_zero", tokenizer=None) -> str:
+    """The text the policy continues. `template` is a TEMPLATES name, a format string with {question}, or
+    "chat": the tokenizer's own chat template (system instruction + user question + generation prompt)."""
+    if template == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("template 'chat' needs the model's tokenizer with a chat template")
+        messages = [{"role": "system", "content": CHAT_SYSTEM}, {"role": "user", "content": question}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     fmt = TEMPLATES.get(template, template)
     if "{question}" not in fmt:
         raise ValueError(f"template {template!r} is neither a known name {sorted(TEMPLATES)} nor contains {{question}}")

@@ -84,3 +84,41 @@ def test_sft_grpo_eval_generate(folder, tmp_path, capsys):
     assert main(["eval", "--model", str(out), "--benchmark", "arithmetic", "--limit", "2", "--k", "2",
                  "--max-new-tokens", "6", "--quiet", "--out", str(tmp_path / "eval")]) == 0
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["num_problems"] == 2
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_the_models_own_chat_template_and_eos_ids_are_used_everywhere(tmp_path, tok, capsys):
+    """task.template=chat renders prompts with the model's chat template in GRPO and eval; the extra EOS ids of
+    its generation_config stop sampling in every verb (they come from Policy.eos_token_ids)."""
+    import copy
+
+    from r1kit.cli import main
+    from r1kit.templates import render_prompt
+
+    chat_tok = copy.deepcopy(tok)
+    chat_tok.chat_template = CHATML
+    torch.manual_seed(0)
+    model = build_tiny_model(ModelConfig(arch="qwen2", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                         intermediate_size=64), chat_tok)
+    stop = chat_tok.convert_tokens_to_ids("</answer>")
+    model.generation_config.eos_token_id = [chat_tok.eos_token_id, stop]
+    save_model(model, chat_tok, tmp_path / "m")
+    policy = Policy.load(tmp_path / "m")
+    assert policy.eos_token_ids == sorted({chat_tok.eos_token_id, stop})
+    text = render_prompt("2+3", "chat", policy.tokenizer)
+    assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>user\n2+3<|im_end|>\n<|im_start|>assistant\n")
+
+    cfg = load_config(RunConfig, None, ["log.progress=false", "log.tensorboard=false", "grpo.steps=1",
+                                        "grpo.prompts_per_step=2", "grpo.group_size=2", "grpo.max_new_tokens=6",
+                                        f"output_dir={tmp_path}", "name=c", "eval.every=0", "task.template=chat"])
+    trainer = GRPOTrainer(cfg, policy, make_task("arithmetic", min_digits=1, max_digits=1, num_test=4), cfg.run_dir)
+    problems = trainer.task.train_problems(2, __import__("random").Random(0))
+    rollout, _ = trainer.generate(problems)
+    first = rollout.prompt_ids[0][rollout.prompt_mask[0].bool()].tolist()
+    assert first == policy.tokenizer(render_prompt(problems[0].question, "chat", policy.tokenizer)).input_ids
+    assert main(["eval", "--model", str(tmp_path / "m"), "--benchmark", "arithmetic", "--limit", "2", "--k", "1",
+                 "--max-new-tokens", "4", "--template", "chat", "--quiet", "--out", str(tmp_path / "e")]) == 0
+    assert json.loads((tmp_path / "e" / "summary.json").read_text())["num_problems"] == 2

@@ -64,7 +64,7 @@ def evaluate_problems(
     grade_timeout_s: the hard limit per math-verify call.
     """
     settings = _settings(problems, k, temperature, top_p, max_new_tokens, template, seed, batch_prompts, pass_k, label)
-    prompts = [tokenizer(render_prompt(p.question, template)).input_ids for p in problems]
+    prompts = [tokenizer(render_prompt(p.question, template, tokenizer)).input_ids for p in problems]
     _check_lengths(engine, problems, prompts, max_new_tokens)
     out = Path(out_dir) if out_dir is not None else None
     finished = _resume(out, settings, problems, k) if out is not None else {}
@@ -166,7 +166,8 @@ def _settings(problems, k, temperature, top_p, max_new_tokens, template, seed, b
     bad = [j for j in pass_k if not 1 <= j <= k]
     if bad:
         raise R1KitError(f"evaluate_problems: pass@k needs 1 <= k <= samples per problem (k={k}); got {bad}")
-    render_prompt("", template)  # an unknown template fails here, before any generation
+    if template != "chat":  # (the chat template is checked with the tokenizer, at the first prompt)
+        render_prompt("", template)  # an unknown template fails here, before any generation
     return {
         "k": k, "temperature": float(temperature), "top_p": float(top_p), "max_new_tokens": max_new_tokens,
         "template": template, "seed": seed, "batch_prompts": batch_prompts, "label": label,

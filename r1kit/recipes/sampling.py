@@ -129,7 +129,7 @@ def sample_candidates(engine, tokenizer, problems: list[Problem], cfg: SampleCon
     G = cfg.samples_per_prompt
     for index, start in enumerate(range(0, len(problems), chunk_prompts)):
         chunk = problems[start : start + chunk_prompts]
-        prompts = [tokenizer(render_prompt(p.question, template)).input_ids for p in chunk]
+        prompts = [tokenizer(render_prompt(p.question, template, tokenizer)).input_ids for p in chunk]
         ro = engine.generate(prompts, group_size=G, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                              top_p=cfg.top_p, generator=chunk_generator(seed, index))
         texts = decode_rollout(ro, tokenizer, [tokenizer.eos_token_id])

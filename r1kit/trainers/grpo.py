@@ -268,7 +268,8 @@ class GRPOTrainer:
     def generate(self, problems: list[Problem], first_group: int = 0) -> tuple[Rollout, list[str]]:
         """G completions per problem; `first_group` is the global index of problems[0] (per-group streams)."""
         g = self.cfg.grpo
-        prompts = [self.tokenizer(render_prompt(p.question, self.cfg.task.template)).input_ids for p in problems]
+        prompts = [self.tokenizer(render_prompt(p.question, self.cfg.task.template, self.tokenizer)).input_ids
+                   for p in problems]
         opts = dict(group_size=g.group_size, max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p)
         with dist.full_params(self.model):  # FSDP2: the engine samples from the gathered full weights
             if self.group_streams:
