@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from r1kit.engine import Engine, SamplingParams
+from r1kit.engine import Engine, GenerationEngine, SamplingParams
 from r1kit.types import R1KitError
 from tests.test_engine import EOS, PAD, PROMPTS, _gpt2, _llama, _qwen2
 
@@ -209,6 +209,7 @@ def test_step_restores_train_mode_and_an_idle_step_is_empty():
     model = _llama()
     model.train()
     engine = Engine(model, eos_token_ids=EOS, pad_token_id=PAD)
+    assert isinstance(engine, GenerationEngine)
     assert engine.step() == [] and not engine.has_unfinished()
     engine.add_request(PROMPTS[0], SamplingParams(max_tokens=2))
     engine.step()
