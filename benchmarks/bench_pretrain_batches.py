@@ -1,7 +1,10 @@
 """Stage 0's seconds per step: plain mixed-length batches (pretrain.bucket_pool=1, the default) against
 length-bucketed ones (--pool, 8), side by side on zero-tiny's corpus and model, interleaved in one process.
 
-    python benchmarks/bench_pretrain_batches.py [--rounds 4] [--steps 40] [--threads 2] [--pool 8]
+    python benchmarks/bench_pretrain_batches.py [--rounds 4] [--steps 40] [--threads 2] [--pool 8] [--packed]
+
+--packed adds a third kind: the plain batches (the same draws) through pretrain.packed's loss (no padding,
+per-document attention; r1kit/trainers/packed_forward.py), and writes pretrain_packed.json instead.
 
 Each round times `--steps` optimizer steps of each kind (the same loss code stage 0 runs: batch_loss, AdamW).
 Writes benchmarks/results/pretrain_batches.json and prints s/step and padded tokens per step.
@@ -23,6 +26,7 @@ from r1kit.config import RunConfig, load_config
 from r1kit.corpus import build_corpus
 from r1kit.model import build_tiny_model, train_tokenizer
 from r1kit.tasks import make_task
+from r1kit.trainers.packed_forward import packed_batch_loss
 from r1kit.trainers.pretrain import batch_loss, batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +38,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pool", type=int, default=8, help="pretrain.bucket_pool of the bucketed batches")
+    ap.add_argument("--packed", action="store_true", help="also time packed plain batches (pretrain.packed)")
     ns = ap.parse_args()
     torch.set_num_threads(ns.threads)
     cfg = load_config(RunConfig, config_path("zero-tiny"))
@@ -48,6 +53,8 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     kinds = {"plain": batches(encoded, p.batch_size, 1, random.Random(1)),
              "bucketed": batches(encoded, p.batch_size, ns.pool, random.Random(1))}
+    if ns.packed:  # the plain kind's batches, in the same order
+        kinds["packed"] = batches(encoded, p.batch_size, 1, random.Random(1))
     times = {k: [] for k in kinds}
     padded = {k: [] for k in kinds}
     for _ in range(ns.rounds):
@@ -56,7 +63,10 @@ def main() -> None:
             for _ in range(ns.steps):
                 batch = next(draws)
                 padded[kind].append(len(batch) * max(map(len, batch)))
-                objective, _ = batch_loss(model, batch, tok.pad_token_id, per if kind == "bucketed" else None)
+                if kind == "packed":
+                    objective, _ = packed_batch_loss(model, batch)
+                else:
+                    objective, _ = batch_loss(model, batch, tok.pad_token_id, per if kind == "bucketed" else None)
                 opt.zero_grad(set_to_none=True)
                 objective.backward()
                 opt.step()
@@ -66,14 +76,17 @@ def main() -> None:
            for k, v in times.items()}
     res["real_tokens_per_step"] = real
     res["speedup"] = res["plain"]["s_per_step"] / res["bucketed"]["s_per_step"]
+    if ns.packed:
+        res["packed_speedup_over_plain"] = res["plain"]["s_per_step"] / res["packed"]["s_per_step"]
     res["setting"] = {"threads": ns.threads, "steps_per_round": ns.steps, "rounds": ns.rounds,
                       "batch_size": p.batch_size, "bucket_pool": ns.pool, "load_avg_1m": os.getloadavg()[0]}
-    out = ROOT / "benchmarks" / "results" / "pretrain_batches.json"
+    out = ROOT / "benchmarks" / "results" / ("pretrain_packed.json" if ns.packed else "pretrain_batches.json")
     out.write_text(json.dumps(res, indent=2) + "\n")
     for k in kinds:
         print(f"{k:9s} {res[k]['s_per_step']:.3f} s/step  {res[k]['padded_tokens_per_step']:.0f} padded tokens/step "
               f"({real:.0f} real)")
-    print(f"bucketed is {res['speedup']:.2f}x faster per step; wrote {out}")
+    print(f"bucketed is {res['speedup']:.2f}x faster per step"
+          + (f"; packed {res['packed_speedup_over_plain']:.2f}x" if ns.packed else "") + f"; wrote {out}")
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ class R1kitRun:
         model, tok = load_model(tmp / "init")
         ref = load_model(tmp / "init")[0].eval() if ns.beta > 0 else None
         self.task = FixedOrderTask(problems)
-        policy = Policy(model, tok, device="cpu", mixed_precision="bf16" if bf16 else "no")
+        policy = Policy(model, tok, device="cpu", **({"mixed_precision": "bf16"} if bf16 else {}))
         self.trainer = GRPOTrainer(cfg, policy, self.task, cfg.run_dir, ref_model=ref)
         self.times: list[float] = []
         self.tokens: list[int] = []
