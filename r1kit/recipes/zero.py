@@ -108,9 +108,10 @@ def pretrain_base(cfg: RunConfig, out: Path, task, *, model_cfg=None, steps: int
         passed = bool(gate) and gate[-1]["passed"]
         if not restart or passed or used + p.steps > p.max_steps:
             break
-        tqdm.write(f"stage 0 attempt {k}: sampled pass@1 {gate[-1]['gate_pass1']:.3f} is below the readiness gate "
-                   f"{p.gate_pass1}; starting attempt {k + 1} with a new corpus draw, initialisation and batch order",
-                   file=sys.stderr)
+        if dist.is_main():
+            tqdm.write(f"stage 0 attempt {k}: sampled pass@1 {gate[-1]['gate_pass1']:.3f} is below the readiness gate "
+                       f"{p.gate_pass1}; starting attempt {k + 1} with a new corpus draw, initialisation and batch order",
+                       file=sys.stderr)
     kept, state = best
     model.load_state_dict(state)
     if cfg.model.gradient_checkpointing:
