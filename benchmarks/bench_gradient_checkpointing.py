@@ -97,7 +97,7 @@ def main() -> None:
               "batch": ns.batch, "seq": ns.seq, "threads": ns.threads, **summarize(rows)}
     out_path = ROOT / "benchmarks" / "results" / "gradient_checkpointing.json"
     out_path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{off['params'] / 1e6:.1f}M parameters, batch {ns.batch} x {ns.seq} tokens, {ns.threads} threads")
+    print(f"{rows[0]['params'] / 1e6:.1f}M parameters, batch {ns.batch} x {ns.seq} tokens, {ns.threads} threads")
     print("| gradient checkpointing | step (s, median) | peak RSS (MiB) | RSS growth during steps (MiB) |")
     print("|---|---:|---:|---:|")
     for r in rows:
