@@ -102,7 +102,8 @@ def build_shared_model(folder: Path, task) -> int:
     torch.manual_seed(SEED)
     docs = build_corpus(task, 2000, 0.6, 0.1, "r1_zero", random.Random(SEED))
     tok = train_tokenizer([d.prompt + d.completion for d in docs], 300)
-    mcfg = ModelConfig(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=768)
+    mcfg = ModelConfig(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=768,
+                       max_position_embeddings=512)  # RoPE: room for --max-new 256, same weights
     model = build_tiny_model(mcfg, tok)
     save_model(model, tok, folder)
     return sum(p.numel() for p in model.parameters())
