@@ -236,6 +236,7 @@ class Engine:
         if rows:
             with torch.inference_mode():  # the batch's tensors were made in inference mode
                 self.batch.live[torch.tensor(rows, device=self.device)] = False
+            self.batch.aborted = True
         for k in range(req.params.n):
             if req.finish[k] is None:
                 req.finish[k] = "abort"
@@ -342,8 +343,9 @@ class Engine:
     def _step(self) -> list[RequestOutput]:
         """Admit, decode the running rows, prefill the admitted, sample every row, retire finished rows."""
         batch = self.batch
-        if len(batch) > batch.n_live and any(r.aborted for r, _ in batch.rows):
+        if batch.aborted:
             self._compact()  # aborted rows stop costing compute at once
+            batch.aborted = False
         joins = self._backend is None or self._backend.supports_joins
         admitted = self.scheduler.admit(batch, joins)
         logits = []

@@ -48,6 +48,11 @@ class Request:
     def stop_ids(self) -> tuple[int, ...]:
         return tuple(self.params.stop_token_ids)
 
+    def shares_draws_with(self, other: Request) -> bool:
+        """Its rows, finished or not, draw with `other`'s from one generator at one temperature and top-p."""
+        return (self.draw_finished and other.draw_finished and self.generator is other.generator
+                and self.params.temperature == other.params.temperature and self.params.top_p == other.params.top_p)
+
 
 class Batch:
     """The running rows (one per sample) and their per-row state, as tensors the step works on.
@@ -66,6 +71,8 @@ class Batch:
     def clear(self) -> None:
         dev = self.device
         self.rows: list[tuple[Request, int]] = []
+        self.requests: list[Request] = []  # the distinct requests of `rows`, in row order
+        self.aborted = False  # a request's rows were aborted: compact them away at the next step
         self.t: int | None = None  # tokens every row has generated, while all rows joined together
         self.length = torch.zeros(0, dtype=torch.long, device=dev)  # per row, when t is None
         self.min_max_len = 0
@@ -108,6 +115,7 @@ class Batch:
             stops = [list(r.stop_ids) + [-1] * (width - len(r.stop_ids)) for r, _ in self.rows + new]
             self.stops = col(stops)
         self.rows += new
+        self.requests = list(dict.fromkeys(r for r, _ in self.rows))
         self.min_max_len = min(r.params.max_tokens for r, _ in self.rows)
         self.n_live += len(new)
         self.all_eos = all(not r.params.ignore_eos for r, _ in self.rows)
@@ -121,6 +129,7 @@ class Batch:
         if self.stops is not None:
             self.stops = self.stops[idx]
         self.rows = [self.rows[i] for i in keep]
+        self.requests = list(dict.fromkeys(r for r, _ in self.rows))
         self.min_max_len = min((r.params.max_tokens for r, _ in self.rows), default=0)
         if self.t is None:
             self.length = self.length[idx]
@@ -141,6 +150,9 @@ class Batch:
         A request with a seed has its own generator, so its draws depend on nothing else in the batch.
         Rows of one group draw one uniform each, in row order; idx is None when the group is every row.
         """
+        if self._groups is None and self.rows and all(r.shares_draws_with(self.rows[0][0]) for r in self.requests):
+            req = self.rows[0][0]  # one generate() call: every row in one group
+            self._groups = [(req.generator, req.params.temperature, req.params.top_p, None)]
         if self._groups is None:
             keyed: dict = {}
             for i, (req, k) in enumerate(self.rows):
