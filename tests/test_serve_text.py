@@ -109,3 +109,20 @@ def tiny_tokenizer():
     from helpers import tiny_pair
 
     return tiny_pair()[1]
+
+
+def test_detokenizer_holds_incomplete_characters_only_briefly(tiny_tokenizer):
+    tok = tiny_tokenizer
+    euro = tok("€", add_special_tokens=False).input_ids  # 3 byte-level tokens
+    assert len(euro) == 3
+    det = IncrementalDetokenizer(tok)
+    assert [det.push([t]) for t in euro] == ["", "", "€"]  # held until the character is complete
+    lone = euro[1]  # a continuation byte alone is invalid: it must not hold the stream up for long
+    det = IncrementalDetokenizer(tok)
+    out = [det.push([lone]) for _ in range(6)]
+    assert out[:3] == ["", "", ""] and "".join(out) + det.flush() == tok.decode([lone] * 6)
+    det = IncrementalDetokenizer(tok)
+    assert det.push(euro[:2]) == "" and det.flush() == tok.decode(euro[:2])  # the end releases what is held
+    st = SampleText(IncrementalDetokenizer(tok), StopMatcher([]), None)
+    st.push(euro[:1], finished=False)
+    assert st.push(euro[1:2], finished=True).content == tok.decode(euro[:2])

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from r1kit.templates import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
 
 _CONTEXT_IDS = 5  # ids of left context decoded with each new token (leading-space tokenizers need some)
+_MAX_CHAR_TOKENS = 4  # a UTF-8 character is at most 4 bytes, so at most 4 byte-level tokens
 
 
 class IncrementalDetokenizer:
@@ -53,15 +54,29 @@ class IncrementalDetokenizer:
                 self.offsets.append(len(self.text))
                 continue
             self.ids.append(int(t))
-            prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-            full = self._decode(self.ids[self.prefix_offset:])
-            if len(full) > len(prefix) and not full.endswith("\ufffd"):
-                new = full[len(prefix):] if full.startswith(prefix) else self._decode(self.ids[self.read_offset:])
-                delta.append(new)
-                self.text += new
-                self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            delta.append(self._advance(final=False))
             self.offsets.append(len(self.text))
         return "".join(delta)
+
+    def flush(self) -> str:
+        """The sample ended: whatever is still held back (an incomplete character decodes as U+FFFD)."""
+        out = self._advance(final=True)
+        if self.offsets:
+            self.offsets[-1] = len(self.text)
+        return out
+
+    def _advance(self, final: bool) -> str:
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset:])
+        # A trailing U+FFFD is held back while it may be a multi-byte character still arriving (at most 4
+        # byte tokens); past that it is an invalid byte and goes out as U+FFFD, as a full decode shows it.
+        pending = len(self.ids) - self.read_offset
+        if len(full) <= len(prefix) or (full.endswith("\ufffd") and pending < _MAX_CHAR_TOKENS and not final):
+            return ""
+        new = full[len(prefix):] if full.startswith(prefix) else self._decode(self.ids[self.read_offset:])
+        self.text += new
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return new
 
 
 class StopMatcher:
@@ -210,7 +225,10 @@ class SampleText:
     def push(self, token_ids: list[int], finished: bool) -> SplitDelta:
         """Feed a step's tokens; return the new (reasoning, content) text to send."""
         self.num_tokens += len(token_ids)
-        raw = self.stops.push(self.detok.push(token_ids))
+        text = self.detok.push(token_ids)
+        if finished:
+            text += self.detok.flush()
+        raw = self.stops.push(text)
         final = finished or self.stops.stopped
         if final:
             raw += self.stops.flush()
