@@ -10,12 +10,14 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
 from r1kit.sandbox import Limits, check_asserts, get_pool, run_program
 from tests.sandbox_helpers import assert_clean, sandbox_processes
 
+REPO = Path(__file__).resolve().parents[1]  # the checkout: host files the programs try to write or delete
 FAST = Limits(timeout_s=1.0, cpu_s=1.0, memory_mb=256, output_bytes=1 << 20, processes=16)
 
 
@@ -94,7 +96,7 @@ def test_writing_outside_the_work_dir_fails(tmp_path):
     target = tmp_path / "pwned"
     r = run(f"""
         import os
-        for path in [{str(target)!r}, '/work/pwned', '/etc/pwned', '/root/pwned', '/var/tmp/pwned', '/dev/shm/pwned']:
+        for path in [{str(target)!r}, {str(REPO / 'pwned')!r}, '/etc/pwned', '/root/pwned', '/var/tmp/pwned', '/dev/shm/pwned']:
             try:
                 open(path, 'w').write('x')
                 print('wrote', path)
@@ -104,7 +106,7 @@ def test_writing_outside_the_work_dir_fails(tmp_path):
         print('done')
     """)
     assert r.stdout.strip() == "done", r.stdout
-    assert not target.exists() and not os.path.exists("/work/pwned") and not os.path.exists("/etc/pwned")
+    assert not target.exists() and not (REPO / "pwned").exists() and not os.path.exists("/etc/pwned")
     assert not os.path.exists("/var/tmp/pwned") and not os.path.exists("/dev/shm/pwned")
 
 
@@ -117,9 +119,9 @@ def test_deleting_host_files_fails(tmp_path):
         for f in [{str(victim)!r}]:
             try: os.remove(f)
             except OSError as e: print(type(e).__name__, flush=True)
-        shutil.rmtree('/work/main/r1kit', ignore_errors=True)
+        shutil.rmtree({str(REPO / 'r1kit')!r}, ignore_errors=True)
     """, limits=Limits(timeout_s=10.0, cpu_s=10.0))
-    assert victim.read_text() == "keep me" and os.path.isfile("/work/main/r1kit/sandbox/server.py")
+    assert victim.read_text() == "keep me" and (REPO / "r1kit" / "sandbox" / "server.py").is_file()
     assert "Error" in r.stdout
 
 
