@@ -215,3 +215,23 @@ def test_a_full_checkpoint_is_refused_by_a_lora_policy(tmp_path, folder):
     with pytest.raises(R1KitError, match="holds no LoRA adapter"):
         policy.load_weights(folder)
     copy.deepcopy(policy)  # a LoRA policy stays copyable (export_merged relies on it)
+
+
+def test_lora_settings_are_part_of_a_training_stages_identity():
+    """The R1 pipeline reuses a finished stage only when its identity matches: LoRA changes the training stages'
+    identity (never the pretraining one), and r = 0 leaves every identity as it was."""
+    from dataclasses import replace
+
+    from r1kit.recipes import r1
+
+    cfg = load_config(RunConfig, None, [])
+    lora = replace(cfg, lora=LoraConfig(r=8))
+    off = replace(cfg, lora=LoraConfig(r=0, alpha=99.0))  # settings of an inactive LoRA are not hashed
+
+    def ident(c, name):
+        stage = r1.STAGES[name]
+        return r1.stage_identity(c, stage, {p: {"identity": "x"} for p in stage.parents}, {})[1]
+
+    for name in ("zero", "cold_sft", "reason_rl", "rm", "distill"):
+        assert ident(lora, name) != ident(cfg, name) and ident(off, name) == ident(cfg, name), name
+    assert ident(lora, "base") == ident(cfg, "base")

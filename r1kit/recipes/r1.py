@@ -99,7 +99,7 @@ class StageContext:
     def model(self, parent: str) -> Path:
         """The model folder produced by `parent` (or given in the config instead)."""
         path = Path(self.explicit[parent]) if parent in self.explicit else self.resolve(self.parents[parent]["model"])
-        if not (path / "config.json").exists():
+        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():  # full or LoRA
             raise R1KitError(f"model {str(path)!r} (from {parent!r}) is not a Hugging Face model folder")
         return path
 
@@ -185,6 +185,8 @@ def config_value(cfg: RunConfig, key: str) -> Any:
 def stage_identity(cfg: RunConfig, stage: Stage, parents: dict[str, dict], explicit: dict[str, str]) -> tuple[str, str]:
     """(config hash, identity): the hash of the keys the stage reads; that plus its inputs' identities."""
     keys = {k: _hashed_value(k, config_value(cfg, k)) for k in (*ALWAYS_HASHED, *stage.keys)}
+    if cfg.lora.r > 0 and {k.split(".")[0] for k in stage.keys} & {"grpo", "sft", "rm"}:  # a training stage
+        keys["lora"] = config_value(cfg, "lora")  # hashed only when on: full fine-tuning identities are unchanged
     config_hash = hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
     lineage = {"config": config_hash, "parents": {p: r["identity"] for p, r in sorted(parents.items())},
                "explicit": {p: fingerprint(v) for p, v in sorted(explicit.items())}}
