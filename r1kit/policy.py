@@ -263,7 +263,7 @@ class Policy:
     def make_engine(self, backend: str = "local", **options):
         """The engine over this policy's current weights (r1kit.engine.make_engine, the one place engines are
         built), with the model's own EOS ids. With LoRA the engine runs the adapted model through the HF
-        forward (the fast path reads plain nn.Linear weights only); the reason is logged to stderr once."""
+        forward (the fast path reads plain nn.Linear weights only); the reason is printed to stderr."""
         from r1kit.engine import make_engine
 
         engine = make_engine(self.module, self.tokenizer, backend=backend, eos_token_ids=self.eos_token_ids,
