@@ -7,7 +7,6 @@ connections), lets requests in flight finish for `shutdown_grace_s` seconds, the
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,7 +36,6 @@ class ServeOptions:
     device: str = "auto"  # auto = cuda when available
     threads: int = 0
     shutdown_grace_s: float = 5.0
-    switch_interval_s: float = 0.0005  # sys.setswitchinterval for the server process (see serve())
     log_level: str = "warning"
 
 
@@ -91,10 +89,6 @@ def serve(opts: ServeOptions) -> None:
 
     state = build_state(opts)
     app = build_app(state)
-    # The engine thread holds the GIL through most of a step; with CPython's default 5 ms switch interval the
-    # event loop (which needs it for every callback, write and select) then gets a turn only every few ms and
-    # streams fall behind until the end of a request. A shorter interval lets tokens out as they are made.
-    sys.setswitchinterval(opts.switch_interval_s)
     config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level=opts.log_level,
                             timeout_graceful_shutdown=int(opts.shutdown_grace_s) + 5, lifespan="on")
     server = _Server(config, state, opts.shutdown_grace_s)
