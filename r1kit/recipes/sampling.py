@@ -132,7 +132,7 @@ def sample_candidates(engine, tokenizer, problems: list[Problem], cfg: SampleCon
         prompts = [tokenizer(render_prompt(p.question, template, tokenizer)).input_ids for p in chunk]
         ro = engine.generate(prompts, group_size=G, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                              top_p=cfg.top_p, generator=chunk_generator(seed, index))
-        texts = decode_rollout(ro, tokenizer, [tokenizer.eos_token_id])
+        texts = decode_rollout(ro, tokenizer, getattr(engine, "eos_token_ids", None) or [tokenizer.eos_token_id])
         lengths, trunc = ro.lengths.tolist(), ro.truncated.tolist()
         out += [Candidate(chunk[r // G], texts[r], int(lengths[r]), bool(trunc[r])) for r in range(len(texts))]
     return out
@@ -149,11 +149,11 @@ def rejection_sample(engine, tokenizer, problems: list[Problem], cfg: SampleConf
     validate_sample_config(cfg)
     cands = sample_candidates(engine, tokenizer, problems, cfg, template, seed)
     kept, rejected = filter_candidates(cands, cfg, lang)
-    records = [{"prompt": render_prompt(c.problem.question, template), "completion": c.text, "kind": "reasoning",
+    records = [{"prompt": render_prompt(c.problem.question, template, tokenizer), "completion": c.text, "kind": "reasoning",
                 "problem_id": c.problem.id} for c in kept]
     want = len(records) * cfg.general_frac / (1 - cfg.general_frac)  # general share of the output = general_frac
     n_general = min(len(general), max(1, round(want))) if records and cfg.general_frac > 0 else 0
-    records += [{"prompt": render_prompt(p.question, template), "completion": general_completion(p), "kind": "general",
+    records += [{"prompt": render_prompt(p.question, template, tokenizer), "completion": general_completion(p), "kind": "general",
                  "problem_id": p.id} for p in list(general)[:n_general]]
     random.Random(seed).shuffle(records)
     per_prompt = Counter(c.problem.id for c in kept)
