@@ -434,16 +434,17 @@ class Engine:
         self.stats.generated_tokens += b.n_live
         if self._dense is not None:
             self._record_dense(tokens, logprobs, length, live, all_live)
-        done = finished.nonzero().squeeze(1).tolist() if bool(finished.any()) else []  # host syncs
+        done_idx = finished.nonzero().squeeze(1) if bool(finished.any()) else None  # [d] (host syncs)
+        done = [] if done_idx is None else done_idx.tolist()
         if done:
             b.live = live ^ finished  # finished rows are live ones
-            hit_done = hit[done]
+            hit_done = hit[done_idx]
             for row, was_hit in zip(done, hit_done.tolist()):
                 req, k = b.rows[row]
                 req.finish[k] = "stop" if was_hit else "length"
             if self._dense is not None:
-                d, sid = self._dense, b.sid[done]
-                d.lengths[sid] = finished_len if isinstance(finished_len, int) else finished_len[done]
+                d, sid = self._dense, b.sid[done_idx]
+                d.lengths[sid] = finished_len if isinstance(finished_len, int) else finished_len[done_idx]
                 d.stopped[sid] = hit_done
         outputs = [] if self._dense is not None else self._outputs(tokens, logprobs, live, all_live)
         for row in done:
