@@ -28,9 +28,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 PHASES = ("time/step", "time/generate", "time/score", "time/update")
 
 
-def run(name: str, launcher: list[str], base: Path, out: Path, steps: int, extra: list[str]) -> dict:
+def run(name: str, launcher: list[str], base: Path, out: Path, steps: int, extra: list[str], eval_problems: int) -> dict:
     args = ["zero", f"model.path={base}", f"name={name}", f"output_dir={out}", f"grpo.steps={steps}", "eval.every=0",
-            "eval.num_problems=50", "log.save_every=0", "log.progress=false", "log.tensorboard=false", *extra]
+            f"eval.num_problems={eval_problems}", "log.save_every=0", "log.progress=false", "log.tensorboard=false", *extra]
     shutil.rmtree(out / name, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1" if "torchrun" in launcher[0] else "2"}
     t0 = time.time()
@@ -48,6 +48,7 @@ def main() -> int:
     ap.add_argument("--base", type=Path, required=True, help="a pretrained base model folder (stage 0's output)")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-dist")
+    ap.add_argument("--eval-problems", type=int, default=50, help="held-out problems evaluated before and after (untimed)")
     ns = ap.parse_args()
     py = [sys.executable, "-m", "r1kit"]
     torchrun = [shutil.which("torchrun") or "torchrun", "--standalone", "--nproc-per-node", "2", "-m", "r1kit"]
@@ -57,7 +58,7 @@ def main() -> int:
         "2 processes x 1 thread (torchrun, DDP)": (torchrun, ["threads=1"]),
     }
     load = os.getloadavg()[0]
-    results = {label: run(f"bench-{i}", launcher, ns.base.resolve(), ns.out.resolve(), ns.steps, extra)
+    results = {label: run(f"bench-{i}", launcher, ns.base.resolve(), ns.out.resolve(), ns.steps, extra, ns.eval_problems)
                for i, (label, (launcher, extra)) in enumerate(configs.items())}
     ref = results[next(iter(results))]["time/step"]
     rows = ["| setting | s/step | generate | score | update | speed-up vs 1x2 |", "|---|---|---|---|---|---|"]
