@@ -1,7 +1,7 @@
 """The engine's fast backend: a pure-torch forward for Llama-family models (llama, qwen2, mistral) that
 reads the HF module's parameters in place, with pre-allocated KV caches in a shared-prefix layout.
 `fast_path_problem` says why a model cannot use it (r1kit.engine then falls back to HF's forward).
-The interface (prefill / decode / keep_rows / release) is the one r1kit.engine.local backends share.
+The interface (admit / decode / keep_rows / release) is the one r1kit.engine.local backends share.
 """
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ Two backends share one interface (admit / decode / keep_rows / release):
   shared-prefix layout (the prompt's K/V stored and read once per group). Where Python and HF per-step
   overhead dominate (tiny models, CPU) it is several times faster than `model.generate()`. Rows join it
   mid-flight, and it prefills on top of cached prefix blocks.
-- `_HFBackend`: the model's own forward with a `DynamicCache`, for every other architecture and for
+- `HFBackend` (r1kit/engine/hf_backend.py): the model's own forward with a `DynamicCache`, for every other architecture and for
   Llama-family configs with features the fast path lacks (rope scaling, a sliding window shorter than
   the sequence, q/k norms, ...): we fall back rather than be silently wrong (`Engine.fallback_reason`).
   It batches less cleverly: requests join only an empty batch (they wait for the running one to drain),
@@ -51,6 +51,7 @@ from torch import nn
 
 from r1kit.engine.api import CacheStats, RequestOutput, SamplingParams
 from r1kit.engine.fast_llama import FastLlama, fast_path_problem
+from r1kit.engine.hf_backend import HFBackend
 from r1kit.engine.prefix_cache import PrefixCache
 from r1kit.engine.sampling import sample_rows, sample_tokens
 from r1kit.engine.scheduler import Batch, Request, Scheduler
@@ -71,59 +72,6 @@ class EngineStats:
     def reset(self) -> None:
         for name in self.__dataclass_fields__:
             setattr(self, name, 0)
-
-
-class _HFBackend:
-    """The model's own forward with a DynamicCache: correct for any causal LM that takes position_ids.
-
-    Rows cannot join a running batch here (one prefill per batch): the scheduler admits requests for this
-    backend only into an empty batch, so it batches less cleverly than the fast path.
-    """
-
-    supports_joins = False
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.batch = 0
-
-    def admit(self, ids: torch.Tensor, mask: torch.Tensor, counts: list[int], max_pos: int, gen_cols: int,
-              past=None) -> torch.Tensor:
-        if self.batch or past is not None:
-            raise RuntimeError("the HF backend prefills only into an empty batch, without cached prefixes")
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # [P, Tp]
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        self.cache = out.past_key_values
-        P, Tp = ids.shape
-        if len(set(counts)) == 1:
-            self.cache.batch_repeat_interleave(counts[0])  # n rows per prompt, prefilled once
-        else:
-            self.cache.batch_select_indices(torch.arange(P, device=ids.device).repeat_interleave(
-                torch.tensor(counts, device=ids.device)))
-        rows = torch.tensor(counts, device=mask.device)
-        self.attn = torch.ones(sum(counts), Tp + gen_cols, dtype=mask.dtype, device=mask.device)
-        self.attn[:, :Tp] = mask.repeat_interleave(rows, 0)  # [N, Tp + max_new]
-        self.length, self.batch = Tp, sum(counts)
-        return out.logits[:, -1]
-
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        out = self.model(
-            input_ids=tokens[:, None],
-            attention_mask=self.attn[:, : self.length + 1],
-            position_ids=positions[:, None],
-            past_key_values=self.cache,
-            use_cache=True,
-        )
-        self.length += 1
-        return out.logits[:, -1]
-
-    def keep_rows(self, keep: torch.Tensor, trim: bool = False) -> None:
-        self.cache.batch_select_indices(keep)
-        self.attn = self.attn[keep]
-        self.batch = keep.numel()
-
-    def release(self) -> None:
-        self.cache = self.attn = None
-        self.batch = 0
 
 
 def _token_ids(name: str, ids, vocab: int) -> list[int]:
@@ -183,7 +131,7 @@ class Engine:
         if fast_path and self.fallback_reason:
             raise R1KitError(f"Engine: fast_path=True but this model cannot use it: {self.fallback_reason}")
         self._fast = FastLlama(model) if self.fallback_reason is None else None
-        self._hf = _HFBackend(model)
+        self._hf = HFBackend(model)
         self.max_positions = _max_positions(model.config)
         self.device = model.get_input_embeddings().weight.device
         self.stats = EngineStats()
@@ -312,17 +260,11 @@ class Engine:
         ids, mask = self._left_pad(prompts)  # [P, Tp]
         backend = self._backend_for(ids.shape[1] + max_new_tokens)
         params = SamplingParams(n=group_size, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens)
-        N, dev = len(prompts) * group_size, self.device
         was_training = self.model.training
         self.model.eval()  # dropout off while sampling; restored below
         try:
             with torch.inference_mode():
-                self._dense = SimpleNamespace(  # one spare column: where finished rows' draws go
-                    tokens=torch.full((N, max_new_tokens + 1), self.pad_token_id, dtype=torch.long, device=dev),
-                    logprobs=torch.zeros(N, max_new_tokens + 1, dtype=torch.float32, device=dev),
-                    lengths=torch.full((N,), max_new_tokens, dtype=torch.long, device=dev),
-                    stopped=torch.zeros(N, dtype=torch.bool, device=dev),
-                )
+                self._dense = self._dense_buffers(len(prompts) * group_size, max_new_tokens)
                 for p, prompt in enumerate(prompts):
                     self.scheduler.add(Request(self.scheduler.new_id(), list(prompt), params, generator, backend,
                                                draw_finished=True, use_cache=False, first_sid=p * group_size))
@@ -337,6 +279,16 @@ class Engine:
             self.model.train(was_training)
         # Built outside inference mode, so the trainer can feed them to autograd.
         return self._rollout(ids, mask, group_size, out.tokens, out.logprobs, out.lengths, out.stopped)
+
+    def _dense_buffers(self, N: int, max_new: int) -> SimpleNamespace:
+        """generate()'s outputs, [N, max_new + 1]: one spare column, where finished rows' draws go."""
+        dev = self.device
+        return SimpleNamespace(
+            tokens=torch.full((N, max_new + 1), self.pad_token_id, dtype=torch.long, device=dev),
+            logprobs=torch.zeros(N, max_new + 1, dtype=torch.float32, device=dev),
+            lengths=torch.full((N,), max_new, dtype=torch.long, device=dev),
+            stopped=torch.zeros(N, dtype=torch.bool, device=dev),
+        )
 
     # -- one step -------------------------------------------------------------------------------------
 
@@ -447,6 +399,12 @@ class Engine:
                 d.lengths[sid] = finished_len if isinstance(finished_len, int) else finished_len[done_idx]
                 d.stopped[sid] = hit_done
         outputs = [] if self._dense is not None else self._outputs(tokens, logprobs, live, all_live)
+        self._retire(done)
+        return outputs
+
+    def _retire(self, done: list[int]) -> None:
+        """Rows `done` finished this step: store their K/V for reuse, finish their requests, compact."""
+        b = self.batch
         for row in done:
             req, k = b.rows[row]
             if self._dense is None and self._caches(req) and req.finish[k] != "abort":
@@ -459,7 +417,6 @@ class Engine:
             self._release()
         elif len(b) - b.n_live >= max(1.0, self.compact_fraction * len(b)):
             self._compact()
-        return outputs
 
     def _record_dense(self, tokens, logprobs, length, live, all_live) -> None:
         """generate(): write the sampled tokens into the [N, max_new + 1] output buffers. A finished row
