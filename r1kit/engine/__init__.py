@@ -1,9 +1,9 @@
 """r1kit's one generation engine: token ids in, sampled completions out (see r1kit/engine/api.py).
 
-local.py: the engine (fast pure-torch Llama-family path, HF fallback); scheduler.py: its requests, waiting
-queue and running batch (continuous batching); prefix_cache.py: hash-chained, reference-counted KV blocks
-under a memory budget; fast_llama.py: the fast forward; api.py: the request-level interface every backend
-implements.
+local.py: the engine; scheduler.py: its requests, waiting queue and running batch (continuous batching);
+prefix_cache.py: hash-chained, reference-counted KV blocks under a memory budget; sampling.py: the sampler;
+fast_llama.py: the fast pure-torch Llama-family forward; hf_backend.py: the HF-forward fallback; vllm.py: the
+vLLM backend; api.py: the request-level interface every backend implements.
 """
 from r1kit.engine.api import CacheStats, GenerationEngine, RequestOutput, SamplingParams
 from r1kit.engine.fast_llama import FastLlama, fast_path_problem
