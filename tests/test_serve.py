@@ -303,6 +303,16 @@ def test_disconnect_cancels_the_request(server, client):
     h = _wait_idle(server)
     assert h["steps"] - before < 600, "the engine kept decoding a request whose client had left"
     assert h["cache"]["extra"]["referenced_blocks"] == 0  # released (kept, unreferenced, for later hits)
+    before = h["steps"]  # a non-streamed request whose client leaves is aborted too
+    conn = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=30)
+    body = json.dumps({**VALID, "max_tokens": 900, "ignore_eos": True, "messages": ask("and again")})
+    conn.request("POST", "/v1/chat/completions", body, {"Authorization": f"Bearer {API_KEY}"})
+    deadline = time.monotonic() + 10
+    while server.health()["requests"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    conn.close()
+    h = _wait_idle(server)
+    assert h["steps"] - before < 600, "the engine kept decoding a non-streamed request whose client had left"
 
 
 def test_queue_full_is_429_not_unbounded(server, client):

@@ -217,24 +217,28 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-async def _collect(gen: Generation, request: Request) -> None:
-    """Run a non-streamed generation to its end; abort it if the client goes away meanwhile."""
+async def _collect(gen: Generation, request: Request) -> bool:
+    """Run a non-streamed generation to its end (True); abort it if the client goes away meanwhile (False;
+    the ASGI server reports that as an http.disconnect message, which a watcher task waits for)."""
     async def consume():
         async for _ in gen.updates():
             pass
 
-    task = asyncio.ensure_future(consume())
+    async def disconnected():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watcher = asyncio.ensure_future(consume()), asyncio.ensure_future(disconnected())
     try:
-        while not task.done():
-            await asyncio.wait({task}, timeout=0.5)
-            if not task.done() and await request.is_disconnected():
-                task.cancel()
-                break
-        await task
-    except asyncio.CancelledError:
-        task.cancel()
-        raise
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+            return False
+        task.result()  # re-raises what the generation raised (EngineClosed)
+        return True
     finally:
+        watcher.cancel()
         gen.close()
 
 
@@ -251,9 +255,10 @@ async def chat_completions(request: Request) -> Response:
     rid, created = new_id("chatcmpl"), now()
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _stream(_chat_events(state, gen, rid, created, include_usage))
+        return _EventStream(_chat_events(state, gen, rid, created, include_usage), gen)
     try:
-        await _collect(gen, request)
+        if not await _collect(gen, request):
+            return Response(status_code=499)  # the client left; nobody reads this
     except EngineClosed as e:
         raise APIError(503, str(e), code="engine_unavailable") from None
     choices = []
@@ -266,9 +271,20 @@ async def chat_completions(request: Request) -> Response:
                          "system_fingerprint": FINGERPRINT, "choices": choices, "usage": gen.usage(chat=True)})
 
 
-def _stream(events) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+class _EventStream(StreamingResponse):
+    """An SSE response that aborts its generation however the response ends, even when the client left
+    before the first event (then the event generator never ran, and its own `finally` never will)."""
+
+    def __init__(self, events, gen: Generation):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.gen = gen
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.gen.close()
 
 
 async def _chat_events(state: ServerState, gen: Generation, rid: str, created: int, include_usage: bool):
@@ -318,9 +334,10 @@ async def completions(request: Request) -> Response:
             "system_fingerprint": FINGERPRINT}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _stream(_completion_events(gen, head, include_usage))
+        return _EventStream(_completion_events(gen, head, include_usage), gen)
     try:
-        await _collect(gen, request)
+        if not await _collect(gen, request):
+            return Response(status_code=499)  # the client left; nobody reads this
     except EngineClosed as e:
         raise APIError(503, str(e), code="engine_unavailable") from None
     choices = [{"index": idx, "text": "".join(s.content), "logprobs": None, "finish_reason": gen.finish.get(idx, "stop")}
