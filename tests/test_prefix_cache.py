@@ -106,19 +106,22 @@ def _kv(n: int, value: float = 0.0) -> torch.Tensor:
 def test_lru_eviction_spares_referenced_blocks_and_takes_leaves_first():
     cache = PrefixCache(_llama(), block_size=2, budget_bytes=4 * 64, bytes_per_token=32)  # 4 blocks of 64 bytes
     a, b, c = [1, 2, 3, 4, 5, 6], [7, 8], [11, 12, 13, 14]
-    assert cache.insert(a, _kv(6, 1.0)) == 3 and cache.insert(b, _kv(2, 2.0)) == 1  # full
+    assert len(cache.insert(a, _kv(6, 1.0))) == 3 and len(cache.insert(b, _kv(2, 2.0))) == 1  # full
     held = cache.lookup(a, 2)  # a's first 2 blocks are referenced
     assert [blk.tokens for blk in held] == [(1, 2), (3, 4)] and cache.hit_tokens == 4
     assert torch.equal(torch.cat([blk.kv for blk in held], 3), _kv(4, 1.0))
-    assert cache.insert(c, _kv(4, 3.0)) == 2  # evicts a's leaf (5, 6) first (older than b), then b
+    assert len(cache.insert(c, _kv(4, 3.0))) == 2  # evicts a's leaf (5, 6) first (older than b), then b
     assert cache.evicted_blocks == 2 and cache.lookup(b, 1) == []
     again = cache.lookup(a, 3)
     assert len(again) == 2  # the referenced prefix survived; its leaf did not
     cache.release(held)
     assert cache.stats().extra["referenced_blocks"] == 2  # `again` still holds them
-    assert cache.insert([21, 22, 23, 24, 25, 26], _kv(6)) == 2  # only c's 2 blocks are evictable
+    held_d = cache.insert([21, 22, 23, 24, 25, 26], _kv(6), hold=True)  # only c's 2 blocks are evictable
+    assert [blk.tokens for blk in held_d] == [(21, 22), (23, 24)]
     assert cache.lookup(c, 2) == [] and cache.stats().bytes_in_use == cache.budget_bytes
+    assert cache.insert([31, 32], _kv(2)) == []  # everything is referenced: not stored, no overflow
     cache.release(again)
+    cache.release(held_d)
     assert cache.stats().extra["referenced_blocks"] == 0
 
 
@@ -128,7 +131,7 @@ def test_a_hash_collision_is_a_miss_not_wrong_kv():
     (key, _, _), _ = chain_keys([1, 2, 3, 4], 2, 2)
     cache._blocks[key].tokens = (9, 9)  # as if another prefix had hashed to the same key
     assert cache.lookup([1, 2, 3, 4], 2) == []
-    assert cache.insert([1, 2, 3, 4], _kv(4)) == 0  # the resident block stays; the chain stops there
+    assert cache.insert([1, 2, 3, 4], _kv(4)) == []  # the resident block stays; the chain stops there
 
 
 def test_a_weight_update_empties_the_cache():
@@ -156,6 +159,10 @@ def test_generate_bypasses_the_cache_and_abort_releases_references():
     rid = cached.add_request(SYSTEM + [1, 2], SamplingParams(n=2, max_tokens=50, seed=1))
     cached.step()
     assert cached.cache_stats().extra["referenced_blocks"] == 2
+    fresh = cached.add_request(list(range(1, 40)), SamplingParams(max_tokens=50, seed=2))  # a cold prompt
+    cached.step()
+    assert cached.cache_stats().extra["referenced_blocks"] == 4  # + the 2 blocks it stored, held while it runs
+    cached.abort(fresh)
     cached.abort(rid)
     assert cached.cache_stats().extra["referenced_blocks"] == 0
     _run(cached, {0: []})

@@ -509,8 +509,8 @@ class Engine:
         bs = self.prefix_cache.block_size if self.prefix_cache is not None else 0
         first_slot = self._backend.n_prompts - len(admitted) if self._backend is self._fast else 0
         for i, req in enumerate(admitted):
-            if self._caches(req) and len(req.prompt) // bs > len(req.blocks):
-                self.prefix_cache.insert(req.prompt, self._fast.slot_kv(first_slot + i))
+            if self._caches(req) and len(req.prompt) // bs > len(req.blocks):  # held until it finishes
+                req.blocks += self.prefix_cache.insert(req.prompt, self._fast.slot_kv(first_slot + i), hold=True)
 
     def _cache_store_sample(self, row: int, req: Request, k: int) -> None:
         """A finished sample's prompt + completion blocks (a multi-turn follow-up starts with them). The

@@ -6,8 +6,8 @@ share block i exactly when their first (i + 1) * block_size tokens agree. Lookup
 first block and stop at the first miss; every hit is checked against the stored token ids and parent key
 (a hash collision is a miss, never wrong K/V).
 
-Reference counts: a request holds its hit blocks from admission to finish (a system prompt in use by
-running requests is never evicted). Unreferenced blocks wait in LRU order and are evicted, oldest first,
+Reference counts: a request holds its prompt's blocks (those it hit and those it stored) from admission
+to finish (a system prompt in use by running requests is never evicted). Unreferenced blocks wait in LRU order and are evicted, oldest first,
 when a new block would take the cache past its byte budget (`cache_mb`); with nothing evictable, new
 blocks are simply not stored. A chain's blocks are released and inserted deepest first, so a parent is
 always more recent than its children and eviction takes leaves before the prefixes they hang on.
@@ -93,9 +93,10 @@ class PrefixCache:
                 self._lru[block.key] = None
                 self._lru.move_to_end(block.key)
 
-    def insert(self, tokens: list[int], kv: torch.Tensor) -> int:
+    def insert(self, tokens: list[int], kv: torch.Tensor, hold: bool = False) -> list[Block]:
         """Store the full blocks of `tokens` not cached yet; kv [L, 2, Hkv, >= n full, D] holds their K/V
-        in position order. Returns how many blocks were stored (fewer when the budget is all in use)."""
+        in position order. Returns the blocks stored, in chain order (fewer when the budget is all in use);
+        hold: the caller keeps a reference on them (a running request on its prompt's blocks)."""
         n = min(len(tokens), kv.shape[3]) // self.block_size
         chain = chain_keys(tokens, self.block_size, n)
         new = []
@@ -108,12 +109,15 @@ class PrefixCache:
         fit = 0  # the chain's first `fit` new blocks get room (a block without its parent is useless)
         while fit < len(new) and self._make_room(fit + 1):
             fit += 1
+        stored = []
         for i, key, parent, block in reversed(new[:fit]):  # deepest first: parents end more recent
             kv_i = kv[:, :, :, i * self.block_size : (i + 1) * self.block_size].clone()
-            self._blocks[key] = Block(key, parent, block, kv_i, 0, self._epoch)
-            self._lru[key] = None
+            self._blocks[key] = Block(key, parent, block, kv_i, int(hold), self._epoch)
+            if not hold:
+                self._lru[key] = None
+            stored.append(self._blocks[key])
         self.stored_blocks += fit
-        return fit
+        return stored[::-1]
 
     def _make_room(self, extra: int) -> bool:
         """Evict LRU blocks until `extra` more fit in the budget; False if they cannot."""
