@@ -324,8 +324,8 @@ async def completions(request: Request) -> Response:
     req = parse_request(CompletionRequest, await request.body(), state.limits)
     _check_model(state, req.model)
     prompts = completion_prompts(state, req)
-    max_tokens = min(check_token_budget(len(p), req.max_tokens, state.context, state.limits.max_tokens)
-                     for p in prompts)
+    max_tokens = min(check_token_budget(len(p), req.max_tokens, state.context, state.limits.max_tokens,
+                                        prompt_param="prompt") for p in prompts)
     if req.max_tokens is None:
         max_tokens = min(max_tokens, 16)  # OpenAI's default for /v1/completions
     gen = Generation(state, prompts, _params(req, max_tokens), req.stop or [], None)

@@ -213,15 +213,14 @@ def _check_limits(req: _Sampling, limits: Limits) -> None:
 
 
 def check_token_budget(prompt_len: int, requested: int | None, context: int, cap: int | None,
-                       param: str = "max_tokens") -> int:
+                       param: str = "max_tokens", prompt_param: str = "messages") -> int:
     """max_tokens for a prompt of `prompt_len` tokens, or APIError(400) naming the limit it breaks."""
     if prompt_len < 1:
-        raise APIError(400, "the prompt is empty (0 tokens)", "messages" if param != "max_tokens_prompt" else "prompt",
-                       "invalid_value")
+        raise APIError(400, "the prompt is empty (0 tokens)", prompt_param, "invalid_value")
     room = context - prompt_len
     if room < 1:
         raise APIError(400, f"this model's maximum context length is {context} tokens, and the prompt alone has "
-                            f"{prompt_len} tokens: shorten it", "messages", "context_length_exceeded")
+                            f"{prompt_len} tokens: shorten it", prompt_param, "context_length_exceeded")
     if requested is None:
         return room if cap is None else min(room, cap)
     if cap is not None and requested > cap:
