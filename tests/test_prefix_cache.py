@@ -180,3 +180,18 @@ def test_kv_computed_before_a_weight_change_is_never_stored():
     _run(cached, {0: []})
     assert cached.cache_stats().blocks_in_use == 0  # old prompt blocks dropped, old completion not stored
     assert rid not in cached.scheduler.requests
+
+
+def test_requests_arriving_together_with_a_shared_prefix_prefill_it_once():
+    model = _llama()
+    plain, cached = _engines(model)
+    params = SamplingParams(temperature=0.0, max_tokens=6)
+    schedule = {0: [(str(i), SYSTEM + q, params) for i, q in enumerate(QUESTIONS)]}
+    want, _ = _run(plain, schedule)
+    got, outputs = _run(cached, schedule)
+    first = {}
+    for o in outputs:
+        first.setdefault(o.request_id, o.cached_prompt_tokens)
+    assert first == {"0": 0, "1": 32, "2": 32, "3": 32}  # the others waited one step, then hit its blocks
+    assert cached.stats.prefill_tokens < plain.stats.prefill_tokens - 2 * 32
+    assert {k: v[0] for k, v in got.items()} == {k: v[0] for k, v in want.items()}

@@ -32,11 +32,11 @@ Two backends share one interface (admit / decode / keep_rows / release):
   shared-prefix layout (the prompt's K/V stored and read once per group). Where Python and HF per-step
   overhead dominate (tiny models, CPU) it is several times faster than `model.generate()`. Rows join it
   mid-flight, and it prefills on top of cached prefix blocks.
-- `HFBackend` (r1kit/engine/hf_backend.py): the model's own forward with a `DynamicCache`, for every other architecture and for
-  Llama-family configs with features the fast path lacks (rope scaling, a sliding window shorter than
-  the sequence, q/k norms, ...): we fall back rather than be silently wrong (`Engine.fallback_reason`).
-  It batches less cleverly: requests join only an empty batch (they wait for the running one to drain),
-  and it has no prefix cache.
+- `HFBackend` (r1kit/engine/hf_backend.py): the model's own forward with a `DynamicCache`, for every
+  other architecture and for Llama-family configs with features the fast path lacks (rope scaling, a
+  sliding window shorter than the sequence, q/k norms, ...): we fall back rather than be silently wrong
+  (`Engine.fallback_reason`). It batches less cleverly: requests join only an empty batch (they wait for
+  the running one to drain), and it has no prefix cache.
 
 Speed: `python benchmarks/bench_engine.py` (results in benchmarks/results/engine.json).
 """
@@ -299,7 +299,7 @@ class Engine:
             self._compact()  # aborted rows stop costing compute at once
             batch.aborted = False
         joins = self._backend is None or self._backend.supports_joins
-        admitted = self.scheduler.admit(batch, joins)
+        admitted = self._defer_shared_misses(self.scheduler.admit(batch, joins))
         logits = []
         if len(batch):
             positions = batch.last_pos + (batch.t if batch.t is not None else batch.length)  # [B] fed token's
@@ -475,6 +475,23 @@ class Engine:
         L, n_kv, D = self._fast.kv_shape
         per_token = L * 2 * n_kv * D * self.model.get_input_embeddings().weight.element_size()
         return PrefixCache(self.model, block_size, int(cache_mb * 2**20), per_token)
+
+    def _defer_shared_misses(self, admitted: list[Request]) -> list[Request]:
+        """A request whose first block is also an earlier admitted request's, and is not cached yet, waits
+        one step (at the head of the queue): it then hits the blocks that request stores, instead of
+        prefilling the same prefix in the same batch (a system prompt sent by many clients at once)."""
+        if self.prefix_cache is None or len(admitted) < 2:
+            return admitted
+        bs, kept, deferred, seen = self.prefix_cache.block_size, [], [], set()
+        for req in admitted:
+            first = tuple(req.prompt[:bs]) if self._caches(req) and len(req.prompt) > bs else None
+            if first is not None and first in seen and not self.prefix_cache.has_prefix(req.prompt, 1):
+                deferred.append(req)
+                continue
+            kept.append(req)
+            seen.add(first)
+        self.scheduler.waiting.extendleft(reversed(deferred))
+        return kept
 
     def _caches(self, req: Request) -> bool:
         return self.prefix_cache is not None and req.use_cache and req.backend == "fast"

@@ -7,10 +7,12 @@ first block and stop at the first miss; every hit is checked against the stored 
 (a hash collision is a miss, never wrong K/V).
 
 Reference counts: a request holds its prompt's blocks (those it hit and those it stored) from admission
-to finish (a system prompt in use by running requests is never evicted). Unreferenced blocks wait in LRU order and are evicted, oldest first,
-when a new block would take the cache past its byte budget (`cache_mb`); with nothing evictable, new
-blocks are simply not stored. A chain's blocks are released and inserted deepest first, so a parent is
-always more recent than its children and eviction takes leaves before the prefixes they hang on.
+to finish (a system prompt in use by running requests is never evicted). Unreferenced blocks wait in LRU
+order and are evicted, oldest first, when a new block would take the cache past its byte budget
+(`cache_mb`); with nothing evictable, new blocks are simply not stored. A chain's blocks are released and
+inserted deepest first, so a parent is always more recent than its children and eviction takes leaves
+before the prefixes they hang on. Requests admitted in one step that share an uncached first block: all
+but the first wait one step and then hit (Engine._defer_shared_misses).
 
 The running batch reads a copy of the hit blocks in its prompt slot (see FastLlama's shared-prefix
 layout), so prefill compute is what the cache saves; the cached K/V were computed with the weights at
@@ -81,6 +83,14 @@ class PrefixCache:
         self.hit_tokens += len(hits) * self.block_size
         self.miss_tokens += len(tokens) - len(hits) * self.block_size
         return hits
+
+    def has_prefix(self, tokens: list[int], n_blocks: int) -> bool:
+        """Whether the first n_blocks full blocks of `tokens` are cached (no reference taken, no statistics)."""
+        for key, parent, block in chain_keys(tokens, self.block_size, n_blocks):
+            found = self._blocks.get(key)
+            if found is None or found.tokens != block or found.parent != parent:
+                return False
+        return True
 
     def release(self, blocks: list[Block]) -> None:
         """Drop one reference on each block; unreferenced ones become evictable (deepest first, so the
