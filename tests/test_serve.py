@@ -18,16 +18,19 @@ from pathlib import Path
 import openai
 import pytest
 
-from serve_support import API_KEY, MODEL_NAME, QA, SECOND_TURN, Browser, cached_format_model, start_server, stop_server
+from serve_support import (API_KEY, MODEL_NAME, QA, SECOND_TURN, Browser, cached_format_model, start_server, stop_server,
+                           train_format_model)
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
-def model_dir(request) -> Path:
+def model_dir(request, tmp_path_factory) -> Path:
     """The trained test model, kept in pytest's cache between runs (keyed by the code and library versions
     that make it: training is seeded, so a cached folder is the folder a fresh run would write)."""
-    return cached_format_model(request.config.cache)
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+    if cache is None:
+        return train_format_model(tmp_path_factory.mktemp("serve") / "model")
+    return cached_format_model(cache)
 
 
 @pytest.fixture(scope="module")
