@@ -62,7 +62,8 @@ def main() -> None:
             t0 = time.perf_counter()
             for _ in range(ns.steps):
                 batch = next(draws)
-                padded[kind].append(len(batch) * max(map(len, batch)))
+                # tokens the projections see: the padded rectangle, or (packed) the real tokens only
+                padded[kind].append(sum(map(len, batch)) if kind == "packed" else len(batch) * max(map(len, batch)))
                 if kind == "packed":
                     objective, _ = packed_batch_loss(model, batch)
                 else:
