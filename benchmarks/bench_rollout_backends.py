@@ -180,7 +180,8 @@ def markdown(res: dict) -> str:
         lines += ["", "## GRPO step by phase, tiny model (median seconds per step)", "",
                   "| phase | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         for p in phases:
-            lines.append(f"| {p} | " + " | ".join(f"{res['grpo'][n]['phases_s'].get(p, 0.0):.3f}" for n in names) + " |")
+            cells = [f"{res['grpo'][n]['phases_s'].get(p, 0.0):.3f}" for n in names]
+            lines.append(f"| {p} | " + " | ".join(cells) + " |")
         lines += ["", "## Train/inference mismatch (trainer fp32 vs sampler), over the GRPO run", "",
                   "| sampler | mean abs dlogprob | max abs dlogprob | share beyond TIS cap 2 (mean / max) | "
                   "reward first 3 -> last 3 |", "|---|---|---|---|---|"]

@@ -76,7 +76,8 @@ def test_vllm_backend_turns_on_recomputation_and_tis_unless_set():
     assert (g.recompute_old_logprobs, g.tis_cap) == (True, 2.0)
     g = load_config(RunConfig, None, ["engine.backend=vllm", "grpo.tis_cap=null", "grpo.preset=dapo"]).grpo
     assert (g.recompute_old_logprobs, g.tis_cap, g.clip_high) == (True, None, 0.28)
-    g = load_config(RunConfig, None, ["engine.backend=vllm", "grpo.recompute_old_logprobs=false", "grpo.tis_cap=null"]).grpo
+    g = load_config(RunConfig, None, ["engine.backend=vllm", "grpo.recompute_old_logprobs=false",
+                                      "grpo.tis_cap=null"]).grpo
     assert (g.recompute_old_logprobs, g.tis_cap) == (False, None)
     g = load_config(RunConfig, None, []).grpo
     assert (g.recompute_old_logprobs, g.tis_cap) == (False, None)
@@ -182,7 +183,8 @@ def test_weight_sync_makes_vllm_match_the_updated_trainer(pair):
     eng = _engine(model, tok)
     prompts = _prompts(tok)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
-    ro = eng.generate(prompts, group_size=2, max_new_tokens=10, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    ro = eng.generate(prompts, group_size=2, max_new_tokens=10, temperature=1.0,
+                      generator=torch.Generator().manual_seed(0))
     loss = -_trainer_logprobs(model, ro, 1.0).sum()  # one real optimizer step on the rollout
     loss.backward()
     opt.step()
@@ -197,6 +199,30 @@ def test_weight_sync_makes_vllm_match_the_updated_trainer(pair):
     local = make_engine(model, tok, backend="local").generate(prompts, group_size=1, max_new_tokens=10, temperature=0)
     assert torch.equal(fresh.completion_ids, local.completion_ids)
     assert eng.stats.weight_syncs == 1
+
+
+@vllm_test
+def test_weight_sync_with_lora_sends_the_merged_weights():
+    pytest.importorskip("peft")
+    from r1kit.config import LoraConfig
+    from r1kit.policy import Policy
+
+    model, tok = _pair(seed=4)
+    policy = Policy(model, tok, device="cpu", lora=LoraConfig(r=4, alpha=8.0, target_modules=["q_proj", "v_proj"]))
+    eng = policy.make_engine("vllm", cache_mb=32, max_num_seqs=64)
+    prompts = _prompts(tok)
+    opt = policy.make_optimizer(5e-2)
+    ro = eng.generate(prompts, group_size=2, max_new_tokens=10, temperature=1.0,
+                      generator=torch.Generator().manual_seed(0))
+    (-_trainer_logprobs(policy.model, ro, 1.0).sum()).backward()  # one step on the adapters only
+    opt.step()
+    with torch.no_grad():
+        stale = eng.generate(prompts, group_size=1, max_new_tokens=10, temperature=0)
+        stale_gap = (stale.logprobs - _trainer_logprobs(policy.module, stale, 0.0)).abs().max()
+        eng.load_weights()
+        fresh = eng.generate(prompts, group_size=1, max_new_tokens=10, temperature=0)
+        fresh_gap = (fresh.logprobs - _trainer_logprobs(policy.module, fresh, 0.0)).abs().max()
+    assert stale_gap > 100 * FP32_BOUND and fresh_gap < FP32_BOUND, (stale_gap, fresh_gap)
 
 
 @vllm_test

@@ -169,7 +169,9 @@ class VLLMEngine:
     """r1kit's GenerationEngine on an in-process `vllm.LLM` (see the module docstring).
 
     model: the policy's (unwrapped) HF module, read again by every `load_weights()`; tokenizer: unused (vLLM
-    gets token ids; the EOS/pad ids come in as arguments), kept for make_engine's one signature. dtype: vLLM's compute dtype ("float32", "bfloat16"; default the module's).
+    gets token ids; the EOS/pad ids come in as arguments), kept for make_engine's one signature.
+    dtype: vLLM's compute dtype ("float32", "bfloat16"; default the module's); a bf16 vLLM beside an fp32
+    trainer is the usual GPU set-up, and the mismatch metrics measure what it costs.
     cache_mb: KV-cache budget (vLLM's kv_cache_memory_bytes); max_num_seqs: running sequences at most.
     """
 
