@@ -314,4 +314,4 @@ def test_killing_the_calling_process_leaves_nothing_behind(tmp_path):
         time.sleep(0.05)
     proc.kill()
     proc.wait()
-    assert_clean(timeout_s=5.0)
+    assert_clean()
