@@ -140,6 +140,42 @@ def test_abort_frees_slots_at_once_and_reports_the_samples():
     assert not engine.has_unfinished() and engine.step() == []
 
 
+def test_abort_one_sample_frees_its_slot_and_leaves_its_siblings_unchanged():
+    model = _llama()
+    params = SamplingParams(n=3, max_tokens=12, temperature=1.0, seed=5)
+    alone, _ = _run(Engine(model, eos_token_ids=[], pad_token_id=PAD, cache_mb=0), {0: [("s", PROMPTS[0], params)]})
+    engine = Engine(model, eos_token_ids=[], pad_token_id=PAD, max_num_seqs=3, cache_mb=0)
+    engine.add_request(PROMPTS[0], params, request_id="s")
+    engine.add_request(PROMPTS[1], SamplingParams(n=1, max_tokens=4, seed=1), request_id="w")  # no free slot
+    engine.add_request(PROMPTS[2], SamplingParams(n=2, max_tokens=3, seed=2), request_id="q")  # aborted waiting
+    got = {}
+    for _ in range(3):
+        for o in engine.step():
+            got.setdefault((o.request_id, o.index), []).extend(o.token_ids)
+    engine.abort("s", 1)
+    engine.abort("s", 1)  # twice, out of range, not an int, unknown id: ignored
+    engine.abort("s", 7)
+    engine.abort("s", "0")
+    engine.abort("nope", 0)
+    engine.abort("q", 0)  # one sample of a request that is still waiting: it is never decoded
+    decoded = engine.stats.decode_tokens
+    outs = engine.step()
+    assert engine.stats.decode_tokens - decoded == 2  # s's samples 0 and 2 only: sample 1's row is gone
+    assert [(o.index, o.finish_reason, o.token_ids) for o in outs if o.request_id == "s" and o.finished] == \
+        [(1, "abort", [])]
+    assert {(o.request_id, o.index) for o in outs} == {("s", 0), ("s", 1), ("s", 2), ("w", 0), ("q", 0)}
+    rest, _ = _run(engine, {0: []})
+    for k in (0, 2):  # the siblings: the same tokens and logprobs as without the abort
+        assert got[("s", k)] + [t for o in outs if (o.request_id, o.index) == ("s", k) for t in o.token_ids] + \
+            rest[("s", k)][0] == alone[("s", k)][0]
+        assert rest[("s", k)][2] == "length"
+    assert len(got[("s", 1)]) == 3 and ("s", 1) not in rest  # no output after its abort
+    assert ("q", 0) not in rest and rest[("q", 1)][2] == "length" and len(rest[("q", 1)][0]) == 3
+    assert rest[("w", 0)][2] == "length"
+    engine.abort("s", 0)  # finished: ignored
+    assert not engine.has_unfinished() and engine.step() == []
+
+
 def test_waiting_request_can_be_aborted_before_it_runs():
     engine = Engine(_llama(), eos_token_ids=[], pad_token_id=PAD, max_num_seqs=1, cache_mb=0)
     a = engine.add_request(PROMPTS[0], SamplingParams(max_tokens=3))

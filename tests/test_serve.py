@@ -135,6 +135,33 @@ def test_stop_strings_and_max_tokens(client, reply_tokens):
     assert r.usage.completion_tokens_details.reasoning_tokens == k  # the reasoning had not ended
 
 
+def test_a_stop_string_stops_one_sample_and_frees_its_slot(server, client):
+    """n=2, a stop string only sample 0 hits: sample 0 ends at once (its slot freed while sample 1 runs on),
+    and sample 1's text is exactly that of the same seeded request without the stop string."""
+    kw = dict(model=MODEL_NAME, prompt="User: tell me a story\nAssistant:", n=2, max_tokens=400, temperature=1.0,
+              seed=11, extra_body={"ignore_eos": True})
+    free = {c.index: c.text for c in client.completions.create(**kw).choices}
+    first, other = free[0], free[1]
+    stop = next(first[i:i + 8] for i in range(4, len(first) - 8)
+                if first[i:i + 8] not in other and first[i:i + 8].strip() and first.find(first[i:i + 8]) == i)
+    text, finish, pending_after_stop = {0: "", 1: ""}, {}, None
+    for chunk in client.completions.create(**kw, stop=[stop], stream=True):
+        for c in chunk.choices:
+            text[c.index] += c.text
+            if c.finish_reason:
+                finish[c.index] = c.finish_reason
+        if 0 in finish and 1 not in finish and pending_after_stop is None:
+            deadline = time.monotonic() + 10  # the abort reaches the engine thread before its next step
+            while server.health()["pending_samples"] != 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            pending_after_stop = server.health()["pending_samples"]
+    assert finish == {0: "stop", 1: "length"}
+    assert text[0] == first[: first.index(stop)]
+    assert text[1] == other  # its sibling's stop changed nothing in it (seeded draws included)
+    assert pending_after_stop == 1  # sample 0 no longer holds a slot while sample 1 runs on
+    _wait_idle(server)
+
+
 def test_multi_turn_leaves_reasoning_content_out_of_the_context(client):
     turn = SECOND_TURN
     with_reasoning = [*turn[:1], {**turn[1], "reasoning_content": "a long chain of thought " * 20}, *turn[2:]]

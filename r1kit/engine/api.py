@@ -5,10 +5,12 @@ Two ways in, one engine:
   sampling and `r1kit generate` call (P prompts x G samples = P requests with n = G);
 - requests: `add_request(prompt_ids, SamplingParams) -> request id`, then `step()` repeatedly; each step
   returns the `RequestOutput`s of the tokens sampled in it (streaming), `abort(id)` frees a request's slots
-  at once. This is what the server drives (from one engine thread; see r1kit/serving).
+  at once (`abort(id, index)`: one sample's). This is what the server drives (from one engine thread; see
+  r1kit/serving).
 
 Stop *strings* are text, and the engine works on token ids: the caller that detokenizes (the server)
-matches them and calls `abort`. Stop token ids are the engine's (they end a sample with finish "stop").
+matches them and calls `abort(id, index)` for the sample that hit one. Stop token ids are the engine's
+(they end a sample with finish "stop").
 """
 from __future__ import annotations
 
@@ -73,7 +75,9 @@ class GenerationEngine(Protocol):
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str: ...
 
-    def abort(self, request_id: str) -> None: ...
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        """Stop request `request_id` (every sample), or only its sample `index`; unknown ids are ignored."""
+        ...
 
     def step(self) -> list[RequestOutput]: ...
 

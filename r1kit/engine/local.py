@@ -171,26 +171,36 @@ class Engine:
         self.scheduler.add(Request(request_id, prompt, params, gen, backend))
         return request_id
 
-    def abort(self, request_id: str) -> None:
-        """Stop a request now: its slots are free for the next step, which reports its unfinished samples
-        with finish_reason "abort". Unknown or finished ids are ignored (a finish can race an abort)."""
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        """Stop a request now (index None), or only its sample `index` (a sample that hit a stop string while
+        its siblings run on). The stopped samples' slots are free for the next step, which reports them with
+        finish_reason "abort". Unknown ids, finished samples and out-of-range indices are ignored (a finish
+        can race an abort)."""
         req = self.scheduler.requests.get(request_id)
-        if req is None:
+        if req is None or (index is not None and not (isinstance(index, int) and 0 <= index < req.params.n)):
             return
-        req.aborted = True
-        rows = [i for i, (r, k) in enumerate(self.batch.rows) if r is req and r.finish[k] is None]
+        samples = range(req.params.n) if index is None else [index]
+        if index is None:
+            req.aborted = True
+        rows = [i for i, (r, k) in enumerate(self.batch.rows) if r is req and r.finish[k] is None and k in samples]
+        self._drop_rows(rows)
+        for k in samples:
+            if req.finish[k] is None:
+                req.finish[k] = "abort"
+                req.live -= 1
+                self._abort_outputs.append(RequestOutput(req.id, k, [], [], True, "abort", len(req.prompt),
+                                                         req.cached_tokens))
+        if index is None or req.live == 0:
+            self._finish_request(req)
+
+    def _drop_rows(self, rows: list[int]) -> None:
+        """Aborted rows stop drawing and free their slots now; the next step compacts them away."""
         for i in rows:
             self.batch.retire(i)
         if rows:
             with torch.inference_mode():  # the batch's tensors were made in inference mode
                 self.batch.live[torch.tensor(rows, device=self.device)] = False
             self.batch.aborted = True
-        for k in range(req.params.n):
-            if req.finish[k] is None:
-                req.finish[k] = "abort"
-                self._abort_outputs.append(RequestOutput(req.id, k, [], [], True, "abort", len(req.prompt),
-                                                         req.cached_tokens))
-        self._finish_request(req)
 
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.requests) or bool(self._abort_outputs)
@@ -325,7 +335,9 @@ class Engine:
         logits = self._backend.admit(ids, mask, counts, max_pos, max(r.params.max_tokens for r in admitted), past)
         self.stats.prefill_calls += 1
         self.stats.prefill_tokens += ids.numel()
+        first_row = len(self.batch)
         self.batch.append(admitted)
+        self._drop_rows([first_row + i for i, (r, k) in enumerate(self.batch.rows[first_row:]) if r.finish[k]])
         self._cache_store_prompts(admitted)
         if len(set(counts)) == 1:
             return logits.repeat_interleave(counts[0], 0)  # n rows per prompt, prefilled once
@@ -350,8 +362,9 @@ class Engine:
     def _sample_requests(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         plan = self.batch.plan()
         u = torch.zeros(len(plan.temperature))
-        for gen, pos in plan.draws:
-            u[pos] = torch.rand((len(pos), 1), generator=gen).squeeze(1)  # on the CPU, like sample_tokens' draws
+        for gen, total, pos, take in plan.draws:
+            drawn = torch.rand((total, 1), generator=gen).squeeze(1)  # on the CPU, like sample_tokens' draws
+            u[pos] = drawn if take is None else drawn[take]
         if plan.rows is None:
             return sample_rows(logits, plan.temperature, plan.top_p, u.to(logits.device))
         tokens, logprobs = self.batch.last.clone(), torch.zeros(len(self.batch), device=logits.device)

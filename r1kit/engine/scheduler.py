@@ -171,8 +171,11 @@ class Batch:
 
     def plan(self) -> SimpleNamespace:
         """add_request's sampling of this step, every row in one `sample_rows` pass: `rows` [b] that draw
-        (None: all), their `temperature` and `top_p` [b], and `draws`: (generator, positions in rows), one
-        uniform per non-greedy row of that generator, in row order (a seeded request owns its generator)."""
+        (None: all), their `temperature` and `top_p` [b], and `draws`: (generator, uniforms to draw, positions
+        in rows, which of the drawn uniforms they take (None: all, in order)): one uniform per non-greedy row
+        of that generator, in row order. A seeded request owns its generator, and a sample aborted on its own
+        (`Engine.abort(id, index)`) keeps drawing its uniform there, unused, so that its siblings' tokens are
+        those they would have sampled had it run on."""
         if self._plan is None:
             rows, temps, top_ps, by_gen = [], [], [], {}
             for i, (req, k) in enumerate(self.rows):
@@ -180,7 +183,10 @@ class Batch:
                     continue
                 p, gen = req.params, req.generator
                 if p.temperature > 0:
-                    by_gen.setdefault(id(gen) if gen is not None else None, (gen, []))[1].append(len(rows))
+                    key = id(gen) if gen is not None else None
+                    _, pos, slots = by_gen.setdefault(key, (gen, [], []))
+                    pos.append(len(rows))
+                    slots.append(_draw_slot(req, k) if gen is not None else len(slots))
                 rows.append(i)
                 temps.append(p.temperature)
                 top_ps.append(p.top_p)
@@ -188,12 +194,22 @@ class Batch:
             def col(values, dtype=torch.long):
                 return torch.tensor(values, dtype=dtype, device=self.device)
 
+            draws = []
+            for gen, pos, slots in by_gen.values():
+                total = len(slots) if gen is None else _draw_slot(self.rows[rows[pos[0]]][0], None)
+                draws.append((gen, total, col(pos), None if total == len(slots) else torch.tensor(slots)))
             self._plan = SimpleNamespace(
                 rows=None if len(rows) == len(self.rows) else col(rows),
-                temperature=col(temps, torch.float32), top_p=col(top_ps, torch.float32),
-                draws=[(gen, col(pos)) for gen, pos in by_gen.values()],
+                temperature=col(temps, torch.float32), top_p=col(top_ps, torch.float32), draws=draws,
             )
         return self._plan
+
+
+def _draw_slot(req: Request, k: int | None) -> int:
+    """Which uniform of its request's own generator sample k takes this step (k None: how many are drawn):
+    running samples draw, and so do samples aborted on their own while the request runs on."""
+    drawing = [j for j, f in enumerate(req.finish) if f is None or f == "abort"]
+    return len(drawing) if k is None else drawing.index(k)
 
 
 class Scheduler:

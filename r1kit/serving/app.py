@@ -168,8 +168,8 @@ class Generation:
             reason = "length" if out.finish_reason == "length" else "stop"
         if reason:
             self.finish[idx] = reason
-            if all(g.base + i in self.finish for i in range(len(g.samples))):
-                self.state.loop.abort(out.request_id)  # no-op if the engine finished it already
+            if sample.stopped and not out.finished:  # a stop string: free its slot, its siblings run on
+                self.state.loop.abort(out.request_id, out.index)  # (no-op if the engine finished it already)
         return idx, delta, reason
 
     def close(self) -> None:

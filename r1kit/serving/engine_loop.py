@@ -11,7 +11,9 @@ unfinished at once: running ones (the engine's `max_num_seqs`) plus those waitin
 
 Cancellation: `abort(request_id)` (a client disconnected, or every sample hit a stop string) reaches the
 engine before its next step, which frees the request's slots and cache blocks; the request's queue gets
-no more outputs.
+no more outputs. `abort(request_id, index)` stops one sample (it hit a stop string while its siblings run
+on): its slot is free at the next step and it no longer counts against `max_pending`. (An engine whose
+`abort` takes no `index` lets that sample run to its end; the server ignores its further output.)
 
 Shutdown: `stop()` ends the thread after its current step; every open request's queue receives an
 `EngineClosed` error so that handlers finish their responses instead of waiting forever.
@@ -19,6 +21,7 @@ Shutdown: `stop()` ends the thread after its current step; every open request's 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import threading
 import time
@@ -45,7 +48,7 @@ class RequestStream:
     n: int
     queue: asyncio.Queue
     prompt_tokens: int
-    finished: set = field(default_factory=set)  # sample indices the engine finished
+    finished: set = field(default_factory=set)  # sample indices finished (by the engine, or aborted)
 
     async def next(self) -> list[RequestOutput]:
         item = await self.queue.get()
@@ -76,6 +79,10 @@ class EngineLoop:
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.draining = False  # set on SIGTERM: no new requests, open ones may finish
+        try:
+            self._per_sample_abort = "index" in inspect.signature(engine.abort).parameters
+        except (TypeError, ValueError, AttributeError):
+            self._per_sample_abort = False
 
     # ---- called from the event loop ----
     def start(self) -> None:
@@ -101,12 +108,28 @@ class EngineLoop:
         self._wake.set()
         return stream
 
-    def abort(self, request_id: str) -> None:
-        """Cancel a request (idempotent; a finished one is left alone)."""
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        """Cancel a request, or only its sample `index` (idempotent; a finished one is left alone)."""
         with self._lock:
-            if request_id in self._streams:
-                self._commands.append(("abort", request_id))
+            stream = self._streams.get(request_id)
+            if stream is None or (index is not None and index in stream.finished):
+                return
+            if index is not None:
+                if not self._per_sample_abort:
+                    return
+                self._finished(request_id, stream, [index])
+                if request_id not in self._streams:  # that was its last sample: abort the request
+                    index = None
+            self._commands.append(("abort", request_id, index))
         self._wake.set()
+
+    def _finished(self, rid: str, stream: RequestStream, indices) -> None:
+        """Samples `indices` of `rid` are done (call with the lock held): they stop counting as pending."""
+        new = set(indices) - stream.finished
+        stream.finished |= new
+        self._pending -= len(new)
+        if len(stream.finished) >= stream.n:
+            del self._streams[rid]
 
     def stats(self) -> dict:
         with self._lock:
@@ -164,14 +187,15 @@ class EngineLoop:
                     except Exception as e:  # the HTTP layer validates first: this is a server-side problem
                         log.exception("engine refused request %s", rid)
                         self._fail(rid, EngineClosed(f"the engine could not take the request: {e}"))
+            elif cmd[2] is not None:  # one sample: its stream stays open for its siblings
+                self.engine.abort(cmd[1], cmd[2])
             else:
                 rid = cmd[1]
                 with self._lock:
-                    stream = self._streams.pop(rid, None)
+                    stream = self._streams.get(rid)
                     if stream is not None:
-                        self._pending -= stream.n
-                if stream is not None:
-                    self.engine.abort(rid)
+                        self._finished(rid, stream, range(stream.n))
+                self.engine.abort(rid)  # (unknown or finished ids are ignored)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         """Hand a step's outputs to their requests' queues: one event-loop wake-up per step, not per request."""
@@ -184,19 +208,16 @@ class EngineLoop:
                 stream = self._streams.get(rid)
                 if stream is None:
                     continue  # aborted meanwhile
-                stream.finished.update(o.index for o in outs if o.finished)
-                if len(stream.finished) >= stream.n:
-                    del self._streams[rid]
-                    self._pending -= stream.n
+                self._finished(rid, stream, [o.index for o in outs if o.finished])
                 deliveries.append((stream.queue, outs))
         if deliveries:
             self.loop.call_soon_threadsafe(_deliver, deliveries)
 
     def _fail(self, rid: str, error: Exception) -> None:
         with self._lock:
-            stream = self._streams.pop(rid, None)
+            stream = self._streams.get(rid)
             if stream is not None:
-                self._pending -= stream.n
+                self._finished(rid, stream, range(stream.n))
         if stream is not None:
             self.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
 
