@@ -67,6 +67,14 @@ def build_model(folder: Path) -> Path:
     return folder
 
 
+def r1kit_command(model_dir: Path, threads: int, max_num_seqs: int) -> list[str]:
+    """`r1kit serve` on the bench model. --system-prompt "": the folder is one of r1kit's models, for which the
+    server would put the R1-Zero instruction (60 tokens) before every chat that brings no system message;
+    transformers serve adds none, and both servers must see the same prompts."""
+    return [sys.executable, "-m", "r1kit", "serve", "--model", str(model_dir), "--served-model-name", "bench",
+            "--threads", str(threads), "--max-num-seqs", str(max_num_seqs), "--system-prompt", ""]
+
+
 def free_port() -> int:
     import socket
 
@@ -102,8 +110,10 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-async def one_stream(client, model: str, messages: list[dict], max_tokens: int, seed: int) -> tuple[float, int]:
-    """(seconds to the first text delta, completion tokens) of one streamed chat completion."""
+async def one_stream(client, model: str, messages: list[dict], max_tokens: int, seed: int,
+                     prompt_tokens: list | None = None) -> tuple[float, int]:
+    """(seconds to the first text delta, completion tokens) of one streamed chat completion; the server's
+    count of prompt tokens is appended to `prompt_tokens` when it reports usage."""
     t0 = time.perf_counter()
     ttft, pieces, usage = None, 0, None
     stream = await client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
@@ -119,6 +129,8 @@ async def one_stream(client, model: str, messages: list[dict], max_tokens: int, 
                 if ttft is None:
                     ttft = time.perf_counter() - t0
     tokens = usage.completion_tokens if usage is not None and usage.completion_tokens else pieces
+    if prompt_tokens is not None and usage is not None and usage.prompt_tokens:
+        prompt_tokens.append(usage.prompt_tokens)
     return (ttft if ttft is not None else time.perf_counter() - t0), tokens
 
 
@@ -128,16 +140,16 @@ async def load_wave(base_url: str, model: str, concurrency: int, wave: int) -> d
     async with openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600) as client:
         msgs = [[{"role": "user", "content": f"question {wave}-{i}: " + " ".join(random.Random(i).choices(WORDS, k=12))}]
                 for i in range(concurrency)]
-        t0 = time.perf_counter()
-        res = await asyncio.gather(*(one_stream(client, model, m, MAX_TOKENS, i) for i, m in enumerate(msgs)),
-                                   return_exceptions=True)
+        t0, prompt_tokens = time.perf_counter(), []
+        res = await asyncio.gather(*(one_stream(client, model, m, MAX_TOKENS, i, prompt_tokens)
+                                     for i, m in enumerate(msgs)), return_exceptions=True)
         wall = time.perf_counter() - t0
     errors = [repr(r) for r in res if isinstance(r, BaseException)]
     ok = [r for r in res if not isinstance(r, BaseException)]
     ttfts = sorted(t for t, _ in ok)
     tokens = sum(n for _, n in ok)
     return {"concurrency": concurrency, "errors": len(errors), "error_samples": errors[:2], "tokens": tokens,
-            "seconds": wall, "tokens_per_s": round(tokens / wall, 1), "ttfts": ttfts}
+            "seconds": wall, "tokens_per_s": round(tokens / wall, 1), "ttfts": ttfts, "prompt_tokens": prompt_tokens}
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -187,7 +199,12 @@ def merge_waves(waves: list[dict]) -> dict:
             "error_samples": [e for w in waves for e in w["error_samples"]][:2], "tokens": tokens,
             "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
             "tokens_per_s_per_wave": [w["tokens_per_s"] for w in waves],
-            "ttft_p50_ms": round(1000 * _pct(ttfts, 50), 1), "ttft_p99_ms": round(1000 * _pct(ttfts, 99), 1)}
+            "ttft_p50_ms": round(1000 * _pct(ttfts, 50), 1), "ttft_p99_ms": round(1000 * _pct(ttfts, 99), 1),
+            "prompt_tokens_mean": _mean([p for w in waves for p in w["prompt_tokens"]])}
+
+
+def _mean(xs: list[float]) -> float | None:
+    return round(statistics.mean(xs), 1) if xs else None
 
 
 def main() -> None:
@@ -204,8 +221,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     model_dir = build_model(tmp / "model")
     prefix = shared_prefix_text(load_tokenizer(model_dir))
-    r1 = [sys.executable, "-m", "r1kit", "serve", "--model", str(model_dir), "--served-model-name", "bench",
-          "--threads", str(ns.threads), "--max-num-seqs", "64"]
+    r1 = r1kit_command(model_dir, ns.threads, 64)
     commands = {"r1kit": r1, "r1kit_no_cache": [*r1, "--cache-mb", "0"]}
     model_ids = {"r1kit": "bench", "r1kit_no_cache": "bench", "transformers": str(model_dir)}
     if ns.only is None:

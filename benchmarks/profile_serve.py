@@ -50,8 +50,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="profile_serve_"))
     model = B.build_model(tmp / "model")
     port = B.free_port()
-    cmd = [sys.executable, "-m", "r1kit", "serve", "--model", str(model), "--served-model-name", "bench",
-           "--threads", str(ns.threads), "--max-num-seqs", str(ns.streams), "--port", str(port)]
+    cmd = [*B.r1kit_command(model, ns.threads, ns.streams), "--port", str(port)]
     if ns.py_spy:
         cmd = ["py-spy", "record", "-r", "200", "--format", "raw", "-o", ns.out, "--", *cmd]
     proc = B.start(cmd, port, tmp / "server.log", ns.threads)
