@@ -118,8 +118,8 @@ def run_main(fn: Callable[[], int]) -> int:
         print(f"r1kit: rank {rank()} failed: {type(e).__name__}: {e}\n{traceback.format_exc()}", file=sys.stderr,
               flush=True)
         _leave(1)
-    if not is_initialized():
-        return code
+    if not is_initialized() or env_world_size() <= 1:
+        return code  # one process (vLLM's in-process engine may have made its own one-rank group: not ours)
     # All ranks finish together, then leave without the interpreter's teardown: gloo's threads could
     # otherwise abort a process at exit ("terminate called without an active exception").
     barrier()
