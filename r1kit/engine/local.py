@@ -52,6 +52,8 @@ from torch import nn
 from r1kit.engine.api import CacheStats, RequestOutput, SamplingParams
 from r1kit.engine.fast_llama import FastLlama, fast_path_problem
 from r1kit.engine.hf_backend import HFBackend
+from r1kit.engine.inputs import max_positions as _max_positions
+from r1kit.engine.inputs import token_ids as _token_ids
 from r1kit.engine.prefix_cache import PrefixCache
 from r1kit.engine.sampling import sample_rows, sample_tokens
 from r1kit.engine.scheduler import Batch, Request, Scheduler
@@ -72,25 +74,6 @@ class EngineStats:
     def reset(self) -> None:
         for name in self.__dataclass_fields__:
             setattr(self, name, 0)
-
-
-def _token_ids(name: str, ids, vocab: int) -> list[int]:
-    """Validate special token ids (ints, numpy or 0-d torch integers) -> list[int] in [0, vocab)."""
-    try:
-        ids = [operator.index(t) for t in ids]
-    except TypeError:
-        raise R1KitError(f"Engine: {name} must be integer token ids, got {ids!r}") from None
-    bad = [t for t in ids if not 0 <= t < vocab]
-    if bad:
-        raise R1KitError(f"Engine: {name} {bad} are outside the model's vocabulary [0, {vocab})")
-    return ids
-
-
-def _max_positions(config) -> int | None:
-    for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
-        if isinstance(getattr(config, name, None), int):
-            return getattr(config, name)
-    return None
 
 
 class Engine:
