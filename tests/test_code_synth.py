@@ -78,3 +78,27 @@ def test_r1kit_zero_code_tiny_runs_end_to_end(tmp_path, monkeypatch):
     summary = run_zero(cfg)
     assert summary["steps"] == 2 and 0.0 <= summary["final"]["pass1"] <= 1.0
     assert (tmp_path / "runs" / "toy" / "metrics.jsonl").exists()
+
+
+def test_distinct_train_problems_drops_repeats_and_keeps_a_clean_draw():
+    """The readiness gate scores each problem once: seed 1's gate draw on code_synth repeats problems (a
+    600-function train split), which made `r1kit zero zero-code-tiny seed=1` stop with "problem ids must be
+    unique" after stage 0. The distinct draw tops up from the same rng; a draw without repeats is unchanged."""
+    import random
+
+    from r1kit.tasks import make_task
+    from r1kit.tasks.base import distinct_train_problems
+
+    task = make_task("code_synth")
+    plain = task.train_problems(64, random.Random(1 + 104729))
+    assert len({p.id for p in plain}) < 64  # the draw that failed
+    got = distinct_train_problems(task, 64, random.Random(1 + 104729))
+    assert len(got) == 64 and len({p.id for p in got}) == 64
+    first = list(dict.fromkeys(p.id for p in plain))
+    assert [p.id for p in got[: len(first)]] == first  # the repeats dropped, order kept, then the top-up
+    clean = task.train_problems(64, random.Random(0 + 104729))
+    assert len({p.id for p in clean}) == 64
+    assert [p.id for p in distinct_train_problems(task, 64, random.Random(0 + 104729))] == [p.id for p in clean]
+    tiny = make_task("code_synth", min_a=2, max_a=2, min_b=10, max_b=14, num_test=1)  # 4 train functions
+    assert sorted(p.id for p in distinct_train_problems(tiny, 10, random.Random(0))) == \
+        sorted(f"code-2-{b}" for b in range(10, 15) if f"code-2-{b}" not in {p.id for p in tiny.test_problems()})

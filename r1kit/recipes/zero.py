@@ -29,6 +29,7 @@ from r1kit.io import atomic_dir, atomic_write_json
 from r1kit.model import build_tiny_model, save_model, train_tokenizer
 from r1kit.policy import Policy
 from r1kit.tasks import make_task
+from r1kit.tasks.base import distinct_train_problems
 from r1kit.types import R1KitError
 
 ATTEMPT_STRIDE = 7907  # attempt k of stage 0 seeds its corpus, initialisation and batch order with seed + 7907 k
@@ -141,7 +142,8 @@ def readiness_check(cfg: RunConfig, tokenizer, task):
     GRPO will sample them (template, rollout temperature and top-p, max new tokens), 4 samples each."""
     from r1kit.evaluation import evaluate_problems
 
-    problems = task.train_problems(cfg.pretrain.gate_problems, random.Random(cfg.seed + 104729))
+    # distinct: a small train split (code_synth) repeats problems in a draw, and each is scored once
+    problems = distinct_train_problems(task, cfg.pretrain.gate_problems, random.Random(cfg.seed + 104729))
     g = cfg.grpo
 
     def check(policy: Policy) -> float:

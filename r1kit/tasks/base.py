@@ -54,3 +54,23 @@ def make_task(name: str, /, **kwargs: Any) -> Task:
         return TASKS[name](**kwargs)
     except TypeError as e:
         raise R1KitError(f"task {name!r}: bad options {kwargs}: {e}") from e
+
+
+def distinct_train_problems(task: Task, n: int, rng: random.Random, max_rounds: int = 20) -> list[Problem]:
+    """`n` training problems with distinct ids (an evaluation scores each problem once).
+
+    Tasks draw with replacement, so a draw can repeat a problem (a small task's train split makes it
+    likely: `code_synth` has ~600 functions). Repeats are dropped and the draw topped up from the same
+    `rng`; a first draw without repeats is returned as is (same problems as `task.train_problems`).
+    Fewer than `n` come back only when the train split has fewer distinct problems.
+    """
+    out: list[Problem] = []
+    seen: set[str] = set()
+    for _ in range(max_rounds):
+        for p in task.train_problems(n - len(out), rng):
+            if p.id not in seen:
+                seen.add(p.id)
+                out.append(p)
+        if len(out) >= n:
+            break
+    return out
