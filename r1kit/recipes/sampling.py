@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from r1kit.config import SampleConfig
+from r1kit.evaluation.readability import repetition_ratio  # noqa: F401  (the repetitive filter; re-exported)
 from r1kit.rewards.functions import accuracy_rewards
 from r1kit.rewards.language import language_consistency
 from r1kit.templates import parse_completion, render_prompt
@@ -42,13 +43,6 @@ REASONS = ("truncated", "too short", "too long", "malformed", "wrong", "language
 
 
 # ----------------------------------------------------------------------------- the filters
-
-
-def repetition_ratio(text: str, n: int = 4) -> float:
-    """Share of word n-grams that repeat an earlier one: 0 for all-distinct text, near 1 for a loop."""
-    words = text.split()
-    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-    return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
 def normalized(text: str) -> str:
