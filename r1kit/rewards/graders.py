@@ -24,6 +24,7 @@ from fractions import Fraction
 from typing import Callable, Sequence
 
 from r1kit.rewards.mathverify import DEFAULT_TIMEOUT_S, verify_math, verify_math_many
+from r1kit.rewards.quick_math import plainly_different
 from r1kit.templates import parse_completion
 from r1kit.types import Problem, R1KitError
 
@@ -235,7 +236,8 @@ def grade_numeric(pred: str | None, problem: Problem) -> Verdict:
 def _math_fast(pred: str | None, gold: str) -> Verdict | None:
     """Settle a "math" answer without math-verify when that is safe; None means: ask math-verify.
 
-    Equal text, or equal plain-number values, is correct. Two plain *integers* that differ are wrong.
+    Equal text, or equal plain-number values, is correct. Two plain *integers* that differ are wrong, and so
+    are two exact expressions (no decimals) whose values differ (`quick_math.plainly_different`).
     Anything else (decimals that may round, LaTeX, sets, intervals...) goes to math-verify.
     """
     verdict = _no_answer(pred)
@@ -253,6 +255,8 @@ def _math_fast(pred: str | None, gold: str) -> Verdict | None:
             return Verdict(True, "correct", pred)
         if _INT.fullmatch(_number_text(pred)) and _INT.fullmatch(_number_text(gold)):
             return Verdict(False, "wrong value", pred)
+    if plainly_different(pred, gold):  # exact expressions with different values (r1kit.rewards.quick_math)
+        return Verdict(False, "wrong value", pred)
     return None
 
 
