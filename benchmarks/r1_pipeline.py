@@ -18,6 +18,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from r1kit.recipes.r1_report import attempts, readability_of  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 ROWS = [("base", "base", "base model"), ("zero", "zero", "R1-Zero (RL from base, rule rewards)"),
@@ -28,8 +31,9 @@ ROWS = [("base", "base", "base model"), ("zero", "zero", "R1-Zero (RL from base,
         ("base", "rl_all", "R1 stage 4: RL, all scenarios (final R1)"),
         ("base", "student_base", "student, pretrained only"), ("base", "distill", "student distilled from R1 (SFT only)"),
         ("base", "student_rl", "student RL-only (distillation's wall-clock)")]
-COLS = [("pass1", "pass@1"), ("cons", "cons@4"), ("format_rate", "format"), ("mixing_rate", "lang. mixing"),
-        ("off_target_rate", "off-target"), ("mean_length", "mean length"), ("general_pass1", "general pass@1")]
+COLS = [("pass1", "pass@1"), ("cons", "cons@4"), ("format_rate", "format"), ("readability", "readable"),
+        ("mixing_rate", "lang. mixing"), ("off_target_rate", "off-target"), ("repetition_rate", "repetitive"),
+        ("mean_length", "mean length"), ("general_pass1", "general pass@1")]
 
 
 def run(args: list[str]) -> None:
@@ -48,7 +52,9 @@ def run_seed(seed: int, out: Path, overrides: list[str]) -> dict[str, dict]:
     recs = {"base": {}, "zerolang": {}}
     for key, name in (("base", main), ("zerolang", ablation)):
         for f in (out / name).glob("*/done.json"):
-            recs[key][f.parent.name] = json.loads(f.read_text())
+            rec = recs[key][f.parent.name] = json.loads(f.read_text())
+            if "eval" in rec and "readability" not in rec["eval"]:  # finished before the metric existed
+                rec["eval"].update(readability_of(f.parent, "en"))
     recs["zero"] = recs["base"]
     return recs
 
@@ -101,9 +107,38 @@ def claims(runs: list[dict]) -> list[str]:
           m("base", "rl_all", "pass1") >= m("zero", "zero", "pass1") and m("base", "rl_all", "off_target_rate") <= m("zero", "zero", "off_target_rate"),
           f"pass@1 {m('zero', 'zero', 'pass1'):.3f} (R1-Zero) vs {m('base', 'rl_all', 'pass1'):.3f} (R1); off-target "
           f"{m('zero', 'zero', 'off_target_rate'):.3f} vs {m('base', 'rl_all', 'off_target_rate'):.3f}")
+    claim("cold start gives more readable output than R1-Zero (reasoning -> summary -> answer, no repetition, one "
+          "language)", m("base", "cold_sft", "readability") > m("zero", "zero", "readability"),
+          f"readable share R1-Zero {m('zero', 'zero', 'readability'):.3f}, cold-start SFT "
+          f"{m('base', 'cold_sft', 'readability'):.3f}, final R1 {m('base', 'rl_all', 'readability'):.3f}")
     claim("distillation beats RL on the small model at equal wall-clock",
           m("base", "distill", "pass1") > m("base", "student_rl", "pass1"),
           f"pass@1 distilled {m('base', 'distill', 'pass1'):.3f} vs RL-only {m('base', 'student_rl', 'pass1'):.3f}")
+    return out
+
+
+GATED = ("base", "cold_sft", "sft")
+
+
+def acceptance(run: dict) -> list[tuple[str, bool | None, str]]:
+    """Issue 15's per-seed checks on one seed's records: (check, holds or None when not measured, detail)."""
+    b = run["base"]
+    p = lambda stage, col="pass1": b.get(stage, {}).get("eval", {}).get(col)  # noqa: E731
+    out = []
+    trained = [s for s in b if s not in ("base", "student_base", "distill", "student_rl") and p(s) is not None]
+    below = [s for s in trained if p(s) <= p("base")] + ([s for s in ("distill", "student_rl") if p(s) is not None
+                                                          and p(s) <= p("student_base")] if p("student_base") is not None else [])
+    out.append(("every stage above its base", not below if trained else None, f"at or below: {below or 'none'}"))
+    for stage in ("cold_sft", "sft"):
+        out.append((f"{stage} >= 0.9", None if p(stage) is None else p(stage) >= 0.9, f"{p(stage)}"))
+    zero = run["zero"].get("zero", {}).get("eval", {}).get("pass1")
+    out.append(("final R1 >= R1-Zero", None if p("rl_all") is None or zero is None else p("rl_all") >= zero,
+                f"{p('rl_all')} vs {zero}"))
+    d, r = p("distill"), p("student_rl")
+    out.append(("distilled - RL-only >= 0.20", None if d is None or r is None else d - r >= 0.2,
+                "not run" if d is None or r is None else f"{d:.3f} - {r:.3f} = {d - r:+.3f}"))
+    g0, g1 = p("sft", "general_pass1"), p("rl_all", "general_pass1")
+    out.append(("general pass@1 rises in stage 4", None if g0 is None or g1 is None else g1 > g0, f"{g0} -> {g1}"))
     return out
 
 
@@ -121,7 +156,10 @@ def write_results(runs: list[dict], seeds: list[int]) -> None:
                "distill_traces": r["base"].get("distill", {}).get("traces", {}).get("stats"),
                "distill_budget_s": r["base"].get("distill", {}).get("budget_s"),
                "student_rl_steps": r["base"].get("student_rl", {}).get("rl", {}).get("steps"),
-               "reward_model": r["base"].get("rm", {}).get("rm")} for s, r in zip(seeds, runs)]
+               "reward_model": r["base"].get("rm", {}).get("rm"),
+               "gate_attempts": {g: attempts(r["base"][g]) for g in GATED if g in r["base"]},
+               "gate_checks": {g: r["base"][g].get("gate") or r["base"][g].get("pretrain", {}).get("gate")
+                               for g in GATED if g in r["base"]}} for s, r in zip(seeds, runs)]
     (RESULTS / "r1_pipeline.json").write_text(json.dumps({"seeds": seeds, "table": table, "runs": extras}, indent=2) + "\n")
     md = ["# R1 pipeline at tiny scale (`r1kit pipeline r1-tiny`)", "",
           f"Seeds: {seeds} ({'mean ± std (ddof=1)' if len(seeds) > 1 else 'ONE seed only: no spread measured'}). "
@@ -131,7 +169,14 @@ def write_results(runs: list[dict], seeds: list[int]) -> None:
           "| model | " + " | ".join(h for _, h in COLS) + " |", "|---" + "|---:" * len(COLS) + "|"]
     for row in table:
         md.append(f"| {row['model']} | " + " | ".join(cell(row[c], 1 if c == "mean_length" else 3) for c, _ in COLS) + " |")
-    md += ["", "## The paper's claims at this scale", "", *claims(runs), "", "## Cost and data", ""]
+    md += ["", "## The paper's claims at this scale", "", *claims(runs), "", "## Issue 15, per seed", "",
+           "| seed | " + " | ".join(c for c, _, _ in acceptance(runs[0])) + " | gate attempts (" + ", ".join(GATED) + ") |",
+           "|---" * (len(acceptance(runs[0])) + 2) + "|"]
+    for seed, r in zip(seeds, runs):
+        acc = acceptance(r)
+        md.append(f"| {seed} | " + " | ".join(f"{'–' if ok is None else 'yes' if ok else 'NO'} ({detail})" for _, ok, detail in acc)
+                  + " | " + ", ".join(str(attempts(r["base"][g])) if g in r["base"] else "–" for g in GATED) + " |")
+    md += ["", "## Cost and data", ""]
     for e in extras:
         total = sum(e["seconds"].values()) + e["zerolang_seconds"]
         md.append(f"- seed {e['seed']}: {total / 60:.1f} min of stages in all (" + ", ".join(f"{k} {v:.0f}s" for k, v in e["seconds"].items()) + f", R1-Zero+language {e['zerolang_seconds']:.0f}s).")

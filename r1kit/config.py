@@ -280,6 +280,14 @@ class PipelineConfig:
     rm_weight: float = 1.0  # weight of the reward model's score (general prompts) in the all-scenario RL stage
     general_frac: float = 0.25  # share of general (non-reasoning) prompts in the all-scenario RL stage
     general_test: int = 50  # held-out general prompts evaluated after each stage
+    # Readiness gate of the SFT stages (cold_sft, sft; 0 = off): after training, the model is sampled at the eval
+    # settings on `sft_gate_problems` fresh training problems; below `sft_gate_pass1` another attempt trains
+    # sft.epochs more with a new batch order, from the last attempt's model ("extend") or from the stage's
+    # initial model ("restart"), up to `sft_max_attempts` in all; the attempt with the best check is kept.
+    sft_gate_pass1: float = 0.0
+    sft_gate_problems: int = 64
+    sft_gate_action: str = "extend"
+    sft_max_attempts: int = 3
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> {section: {key: value}}
 
 

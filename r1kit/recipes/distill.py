@@ -41,7 +41,10 @@ def stage_student_base(ctx: StageContext) -> dict[str, Any]:
     else:
         model = ctx.dir / "model"
         steps = cfg.distill.student_pretrain_steps or cfg.pretrain.steps
-        info = pretrain_stage_model(ctx, cfg.distill.student, model, steps=steps, tokenizer=load_tokenizer(ctx.model("base")))
+        # No readiness gate for the student: the comparison needs the same student for both arms, not a fit one
+        # (a 0.3M student stays near 0 before training); its pretraining settings are still the base's.
+        info = pretrain_stage_model(ctx, cfg.distill.student, model, steps=steps, tokenizer=load_tokenizer(ctx.model("base")),
+                                    gate=False)
     return {"model": ctx.rel(model), "pretrain": info, "eval": evaluate_model(ctx, model)}
 
 

@@ -26,6 +26,9 @@ identity matches and refused (with the reason) when it does not; an unfinished s
 identity is cleared. Inside a stage, SFT and RL resume from their atomic checkpoints, data files are
 written atomically and reused, so a kill anywhere loses at most the work since the last checkpoint.
 Bad input (a missing parent, no data left after filtering) stops the pipeline naming the stage and cause.
+Readiness gates: stage 0 with pretrain.gate_pass1 (r1kit.recipes.zero.pretrain_base: a new draw below it);
+cold_sft and sft with pipeline.sft_gate_pass1 (r1kit.recipes.r1_gate: more epochs below it); done.json
+records every attempt's check.
 
 Per-stage settings: `pipeline.overrides: {stage: {section: {key: value}}}` on top of the shared sections.
 Departures from the paper, by scale: one synthetic reasoning task, "general" prompts are "Repeat N", and
@@ -52,8 +55,10 @@ from r1kit.io import atomic_dir, atomic_write_json, atomic_write_text
 from r1kit.recipes.r1_report import results_table
 from r1kit.types import Problem, R1KitError
 
+READABILITY_KEYS = ("readability", "fixed_format_rate", "repetition_rate")  # r1kit.evaluation.readability
 EVAL_KEYS = ("pass1", "cons", "format_rate", "no_answer_rate", "reflection_rate", "mean_length")
 ALWAYS_HASHED = ("seed", "task")
+SFT_GATE_KEYS = ("pipeline.sft_gate_pass1", "pipeline.sft_gate_problems", "pipeline.sft_gate_action", "pipeline.sft_max_attempts")
 
 
 # ----------------------------------------------------------------------------- stages and their context
@@ -328,9 +333,11 @@ def reasoning_task(cfg: RunConfig):
 
 def evaluate_model(ctx: StageContext, model_dir: Path) -> dict[str, float]:
     """Held-out evaluation of a stage's model: pass@1 over k samples, cons@k, format, language mixing,
-    length on the reasoning task (and pass@1 on held-out general prompts). Same seed for every stage,
+    length and readability (r1kit.evaluation.readability: reasoning -> summary -> answer, not repetitive,
+    one language) on the reasoning task (and pass@1 on held-out general prompts). Same seed for every stage,
     so stages are compared on the same problems and sampler streams."""
     from r1kit.evaluation import evaluate_problems
+    from r1kit.evaluation.readability import readability
     from r1kit.policy import Policy
     from r1kit.recipes.sampling import GeneralTask
     from r1kit.rewards.language import language_consistency, mixing_rate, off_target_rate
@@ -346,43 +353,28 @@ def evaluate_model(ctx: StageContext, model_dir: Path) -> dict[str, float]:
     out = {k: float(s.to_dict()[k]) for k in EVAL_KEYS}
     out.update(mixing_rate=mixing_rate(texts), off_target_rate=off_target_rate(texts, lang),
                language_consistency=sum(language_consistency(t, lang) for t in texts) / len(texts))
+    out.update({k: v for k, v in readability(texts, lang).items() if k in READABILITY_KEYS})
     if cfg.pipeline.general_test > 0:
         general = GeneralTask(num_test=cfg.pipeline.general_test).test_problems()
         out["general_pass1"] = evaluate_problems(engine, tok, general, out_dir=ctx.dir / "eval_general", **common).pass1
     return out
 
 
-def pretrain_stage_model(ctx: StageContext, model_cfg, out: Path, *, steps: int, tokenizer=None) -> dict[str, Any]:
-    """Stage 0's pretraining (r1kit.recipes.zero.pretrain_base) on the pipeline's possibly bilingual
-    corpus into `out`; a finished one (kept across an interruption later in the stage) is reused."""
+def pretrain_stage_model(ctx: StageContext, model_cfg, out: Path, *, steps: int, tokenizer=None,
+                         gate: bool = True) -> dict[str, Any]:
+    """Stage 0's pretraining (r1kit.recipes.zero.pretrain_base, with its readiness gate unless `gate` is
+    False) on the pipeline's possibly bilingual corpus into `out`; a finished one is reused."""
     from r1kit.recipes.zero import pretrain_base
 
     if (out / "pretrain.json").exists():
         return json.loads((out / "pretrain.json").read_text())
-    pl = ctx.cfg.pipeline
-    info = pretrain_base(ctx.cfg, out, reasoning_task(ctx.cfg), model_cfg=model_cfg, init_seed=ctx.seed,
+    pl, cfg = ctx.cfg.pipeline, ctx.cfg
+    if not gate:
+        cfg = replace(cfg, pretrain=replace(cfg.pretrain, gate_pass1=0.0))
+    info = pretrain_base(cfg, out, reasoning_task(cfg), model_cfg=model_cfg, init_seed=ctx.seed,
                          steps=steps, tokenizer=tokenizer, zh_frac=pl.corpus_zh_frac, mix_frac=pl.corpus_mix_frac,
                          show_progress=ctx.cfg.log.progress)
     return {k: v for k, v in info.items() if k != "log"}
-
-
-def sft_stage(ctx: StageContext, init: Path, data: Path) -> dict[str, Any]:
-    """SFT of the model at `init` on `data` into ctx.dir/model (resumes from its checkpoints), then evaluate."""
-    from r1kit.policy import Policy
-    from r1kit.trainers.sft import load_sft_data, train_sft
-
-    cfg = ctx.cfg
-    if not (ctx.dir / "sft.json").exists():
-        policy = Policy.from_config(cfg, init)
-        dist.prepare(policy, cfg.dist.strategy)  # under torchrun: DDP or FSDP2 (train_sft alone would pick DDP)
-        examples, stats = load_sft_data(data, policy.tokenizer, cfg.sft.seq_len)
-        atomic_write_json(ctx.dir / "data_stats.json", stats)
-        train_sft(policy, examples, cfg.sft, ctx.dir, seed=ctx.seed, resume=True,
-                  config_yaml=yaml.safe_dump(to_dict(cfg), sort_keys=False), show_progress=cfg.log.progress)
-    summary = json.loads((ctx.dir / "sft.json").read_text())
-    return {"model": ctx.rel(ctx.dir / "model"), "init": ctx.rel(init), "data": ctx.rel(data),
-            "sft": {**summary, **json.loads((ctx.dir / "data_stats.json").read_text())},
-            "eval": evaluate_model(ctx, ctx.dir / "model")}
 
 
 def rl_stage(ctx: StageContext, init: Path, task, weights: dict[str, float], *, budget_s: float | None = None,
@@ -473,7 +465,7 @@ def stage_zero(ctx: StageContext) -> dict[str, Any]:
             "eval": evaluate_model(ctx, ctx.dir / "final")}
 
 
-@register_stage("cold_sft", parents=("base",), keys=("sft", "eval", "pipeline.lang", "pipeline.general_test"),
+@register_stage("cold_sft", parents=("base",), keys=("sft", "eval", "pipeline.lang", "pipeline.general_test", *SFT_GATE_KEYS),
                 explicit=lambda c: {"base": c.sft.init})
 def stage_cold_sft(ctx: StageContext) -> dict[str, Any]:
     """Stage 1: SFT of the base model on cold-start chains of thought written by the reference solvers."""
@@ -485,7 +477,7 @@ def stage_cold_sft(ctx: StageContext) -> dict[str, Any]:
                                   lang=cfg.pipeline.lang, template=cfg.task.template)
         write_jsonl(data, recs)
     ctx.record_input(data)
-    return sft_stage(ctx, ctx.model("base"), data)
+    return sft_stage(ctx, ctx.model("base"), data, gated=True)
 
 
 def _rl_weights(cfg: RunConfig, language: bool, reward_model: bool = False) -> dict[str, float]:
@@ -532,11 +524,11 @@ def sample_data(ctx: StageContext, model_dir: Path, problems: list[Problem], gen
     return {"data": ctx.rel(ctx.dir / "data.jsonl"), "source_model": ctx.rel(model_dir), "stats": stats}
 
 
-@register_stage("sft", parents=("base", "sample"), keys=("sft", "eval", "pipeline.lang", "pipeline.general_test"),
+@register_stage("sft", parents=("base", "sample"), keys=("sft", "eval", "pipeline.lang", "pipeline.general_test", *SFT_GATE_KEYS),
                 explicit=lambda c: {"base": c.sft.init, "sample": c.sft.data})
 def stage_sft(ctx: StageContext) -> dict[str, Any]:
     """Stage 3b: SFT of the *base* model on the rejection-sampled data (paper: retrain from the base)."""
-    return sft_stage(ctx, ctx.model("base"), ctx.data("sample"))
+    return sft_stage(ctx, ctx.model("base"), ctx.data("sample"), gated=True)
 
 
 @register_stage("rm", parents=("base",), keys=("rm", "task.template"),
@@ -581,4 +573,5 @@ def stage_rl_all(ctx: StageContext) -> dict[str, Any]:
     return rl_stage(ctx, ctx.model("sft"), task, _rl_weights(cfg, True, reward_model=True))
 
 
+from r1kit.recipes.r1_gate import sft_stage  # noqa: E402  (the SFT stages and their readiness gate)
 from r1kit.recipes import distill as _distill  # noqa: E402,F401  registers the distillation stages
