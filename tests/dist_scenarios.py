@@ -109,6 +109,31 @@ def run_pretrain(out: Path) -> dict[str, torch.Tensor]:
     return dist.full_state_dict(model)
 
 
+def stage0_cfg(out: Path) -> RunConfig:
+    """The real stage-0 path at toy size: a corpus, a tokenizer and a model built from the config, the
+    readiness gate sampling on rank 0 between cycles (never passed: 1.0), two warm-restart cycles."""
+    return load_config(RunConfig, None, [
+        f"output_dir={out}", "name=stage0", "threads=1", "task.options={min_digits: 1, max_digits: 1, num_test: 10}",
+        "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=2",
+        "model.intermediate_size=64", "model.vocab_size=300", "pretrain.corpus_docs=200", "pretrain.steps=6",
+        "pretrain.batch_size=8", "pretrain.warmup_steps=2", "pretrain.gate_pass1=1.0", "pretrain.gate_action=extend",
+        "pretrain.extend_steps=3", "pretrain.max_steps=12", "pretrain.gate_problems=4", "grpo.max_new_tokens=16"])
+
+
+def run_stage0(out: Path) -> dict[str, torch.Tensor]:
+    """`ensure_base_model` as `r1kit zero` calls it; the base folder is out/stage0/base (rank 0 writes it)."""
+    import warnings
+
+    from r1kit.recipes.zero import ensure_base_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the gate's "did not reach" warning: expected here
+        base = ensure_base_model(stage0_cfg(out), show_progress=False)
+    from safetensors.torch import load_file
+
+    return load_file(base / "model.safetensors") if dist.is_main() else {}
+
+
 def crash() -> None:
     """Rank 1 raises; rank 0 blocks in a collective that rank 1 never joins."""
     if dist.rank() == 1:
@@ -124,6 +149,7 @@ SCENARIOS = {
     "sft_fsdp2": lambda out: run_sft(out, "fsdp2"),
     "rm_ddp": run_rm,
     "pretrain_ddp": run_pretrain,
+    "stage0": run_stage0,
     # 2 ranks train 2 steps and checkpoint; the test resumes the 3rd step in one process
     "grpo_ckpt": lambda out: run_grpo(out / "grpo_ckpt", "ddp", "grpo.steps=2", "log.save_every=2"),
 }

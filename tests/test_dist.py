@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -26,11 +27,20 @@ ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
 
 
-def _torchrun(out: Path, *names: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def _torchrun(out: Path, *names: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "R1KIT_DIST_TIMEOUT": "60", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(ROOT / "tests" / "dist_scenarios.py"),
            str(out), *names]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    # its own session: on a timeout the workers are killed with the launcher (not left running as orphans)
+    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +94,25 @@ def test_the_reward_model_and_pretraining_train_alike_on_two_ranks(two_ranks, tm
     before = (sc.rm_model()[0] if name == "rm" else tiny_pair(layers=2, seed=0)[0]).state_dict()
     assert max(float((one[k] - before[k]).abs().max()) for k in one) > 1e-3
     assert _max_diff(one, torch.load(two_ranks / f"{name}_ddp.pt")) <= TOL
+
+
+def test_stage0_with_its_readiness_gate_trains_the_same_base_on_two_ranks(two_ranks, tmp_path):
+    """The path `r1kit zero` takes (ensure_base_model): corpus, tokenizer and model from the config, batches
+    shared by document, the gate sampled on rank 0 between cosine cycles and broadcast, warm restarts."""
+    import json
+
+    torch.set_num_threads(1)
+    one = sc.run_stage0(tmp_path)
+    info1 = json.loads((tmp_path / "stage0" / "base" / "pretrain.json").read_text())
+    info2 = json.loads((two_ranks / "stage0" / "base" / "pretrain.json").read_text())
+    assert _max_diff(one, torch.load(two_ranks / "stage0.pt")) <= TOL
+    assert [c["step"] for c in info2["gate"]["checks"]] == [6, 9, 12]  # two cycles after the first check
+    for key in ("gate_pass1", "passed", "step"):
+        assert [c[key] for c in info2["gate"]["checks"]] == [c[key] for c in info1["gate"]["checks"]]
+    losses = [[r["loss"] for r in i["log"] if "loss" in r] for i in (info1, info2)]
+    assert len(losses[0]) > 2 and losses[0][-1] < losses[0][0]  # it trained
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert info2["total_steps"] == info1["total_steps"] == 12
 
 
 def test_a_two_rank_checkpoint_resumes_in_one_process(two_ranks, tmp_path):
