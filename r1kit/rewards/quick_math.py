@@ -21,7 +21,7 @@ REL_TOL = 1e-6
 # Sample values per variable: irrational-looking, distinct per letter, away from poles of typical answers.
 _POINTS = ((0.7390851332, 1.3247179572), (1.6180339887, 0.5772156649), (2.7182818459, 1.4142135623))
 
-_TOKEN = re.compile(r"\s*(\\left\(|\\right\)|\\[dt]?frac|\\sqrt|\\cdot|\\times|\d+|[a-zA-Z]|[-+*/^(){}])")
+_TOKEN = re.compile(r"\s*(\\left\(|\\right\)|\\[dt]?frac|\\sqrt|\\cdot|\\times|\d+|[a-zA-Z]|[-+*/^(){},])")
 _NOT_VARIABLES = {"e", "i"}  # constants in math-verify's reading, not variables: outside the subset
 
 Env = dict[str, float]
@@ -67,15 +67,18 @@ class _Parser:
         return fn
 
     def term(self) -> Fn:
-        fn = self.unary()
+        fn, divided = self.unary(), False
         while True:
             tok = self.peek()
             if tok in ("*", "\\cdot", "\\times", "/"):
                 self.take()
+                divided = tok == "/"
                 rhs, lhs = self.unary(), fn
                 fn = (lambda a, b: lambda e: a(e) / _nonzero(b(e)))(lhs, rhs) if tok == "/" else \
                     (lambda a, b: lambda e: a(e) * b(e))(lhs, rhs)
             elif tok is not None and (tok in ("(", "{", "\\left(", "\\frac", "\\dfrac", "\\tfrac", "\\sqrt") or tok.isalpha()):
+                if divided:  # 1/2x: (1/2)x or 1/(2x)? readers differ, so it is not decided here
+                    raise _Reject
                 rhs, lhs = self.power(), fn  # implicit product: 3x, 2\sqrt{3}, x(x+1)
                 fn = (lambda a, b: lambda e: a(e) * b(e))(lhs, rhs)
             else:
@@ -154,19 +157,58 @@ def _pow(base: float, exponent: float) -> float:
 
 
 def compile_expression(text: str) -> tuple[Fn, frozenset[str]] | None:
-    """(evaluator, variables) for an answer inside the subset, else None."""
+    """(evaluator, variables) for a single expression inside the subset, else None."""
+    compiled = compile_answer(text)
+    if compiled is None or len(compiled[0]) != 1:
+        return None
+    return compiled[0][0], compiled[1]
+
+
+def _split_tuple(tokens: list[str]) -> list[list[str]] | None:
+    """`( a, b, ... )` -> its top-level parts (2 or more), else None."""
+    if len(tokens) < 2 or (tokens[0], tokens[-1]) not in (("(", ")"), ("\\left(", "\\right)")):
+        return None
+    parts, depth, cur = [], 0, []
+    for tok in tokens[1:-1]:
+        depth += tok in ("(", "{", "\\left(")
+        depth -= tok in (")", "}", "\\right)")
+        if depth < 0:
+            return None  # "(1)+(2)": the outer brackets are not one group
+        if tok == "," and depth == 0:
+            parts.append(cur)
+            cur = []
+        else:
+            cur.append(tok)
+    parts.append(cur)
+    return parts if len(parts) >= 2 else None
+
+
+def _compile_tokens(tokens: list[str], variables: set[str]) -> Fn:
+    if "," in tokens or not tokens:
+        raise _Reject
+    if len(tokens) == 1 and tokens[0].isdigit() and len(tokens[0]) > 1 and tokens[0][0] == "0":
+        raise _Reject  # "007", or the "000" of "(1, 000)": a thousands group, not a number
+    parser = _Parser(tokens)
+    fn = parser.expr()
+    if parser.peek() is not None:
+        raise _Reject
+    variables |= parser.variables
+    return fn
+
+
+def compile_answer(text: str) -> tuple[list[Fn], frozenset[str]] | None:
+    """(evaluators, variables): one evaluator for an expression, one per part for a tuple `(a, b)`; None
+    outside the subset."""
     if len(text) > MAX_CHARS or "." in text:
         return None
+    variables: set[str] = set()
     try:
-        parser = _Parser(_tokens(text))
-        if not parser.t:
-            return None
-        fn = parser.expr()
-        if parser.peek() is not None:
-            return None
+        tokens = _tokens(text)
+        parts = _split_tuple(tokens)
+        fns = [_compile_tokens(part, variables) for part in (parts or [tokens])]
     except (_Reject, RecursionError):
         return None
-    return fn, frozenset(parser.variables)
+    return fns, frozenset(variables)
 
 
 def _values(fn: Fn, variables: frozenset[str]) -> list[float] | None:
@@ -183,13 +225,37 @@ def _values(fn: Fn, variables: frozenset[str]) -> list[float] | None:
     return out
 
 
+def _differ(a: float, b: float) -> bool:
+    return abs(a - b) > REL_TOL * max(1.0, abs(a), abs(b))
+
+
 def plainly_different(pred: str, gold: str) -> bool:
-    """True only when both answers are exact expressions in the subset, over the same variables, whose values
-    differ (relative 1e-6) at a sample point: then no reading of them makes them equal. False means: unknown."""
-    p, g = compile_expression(pred), compile_expression(gold)
-    if p is None or g is None or p[1] != g[1]:
+    """True only when no reading of the two answers makes them equal; False means: unknown (ask math-verify).
+
+    Decided: two expressions over the same variables whose values differ (relative 1e-6) at a sample point;
+    a constant against an expression whose value changes with its variables; tuples of constants of different
+    lengths (a scalar is a 1-tuple), or whose sorted values differ (so neither as ordered pairs nor as sets
+    of solutions are they equal). Tuples with variables and expressions over different variables are not.
+    """
+    p, g = compile_answer(pred), compile_answer(gold)
+    if p is None or g is None:
         return False
-    pv, gv = _values(*p), _values(*g)
+    (pf, pvars), (gf, gvars) = p, g
+    if len(pf) > 1 or len(gf) > 1:
+        if pvars or gvars:
+            return False
+        pv, gv = [_values(f, pvars) for f in pf], [_values(f, gvars) for f in gf]
+        if any(v is None for v in pv + gv):
+            return False
+        if len(pf) != len(gf):
+            return True
+        return any(_differ(a, b) for a, b in zip(sorted(v[0] for v in pv), sorted(v[0] for v in gv)))
+    pv, gv = _values(pf[0], pvars), _values(gf[0], gvars)
     if pv is None or gv is None:
         return False
-    return any(abs(a - b) > REL_TOL * max(1.0, abs(a), abs(b)) for a, b in zip(pv, gv))
+    if pvars == gvars:
+        return any(_differ(a, b) for a, b in zip(pv, gv))
+    if not pvars or not gvars:  # a constant against an expression that is not constant
+        varying = gv if gvars else pv
+        return any(_differ(varying[0], v) for v in varying[1:])
+    return False
