@@ -115,6 +115,9 @@ class GRPOConfig:
     # per group and the LM head only at completion tokens (r1kit/trainers/packed_forward.py): the same
     # logprobs and gradients up to float rounding. Llama-family models only; others use the padded forward.
     packed_update: bool = False
+    # Rows whose advantage is exactly 0 skip the update's forward/backward: with no KL in the loss and no
+    # entropy bonus their gradient is exactly 0, so the update is the same (token metrics cover trained rows).
+    skip_zero_advantage: bool = False
     beta: float = 0.0  # KL coefficient; 0 loads no reference model
     kl_estimator: str = "k3"
     clip_low: float = 0.2

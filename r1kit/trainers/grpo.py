@@ -116,8 +116,13 @@ def check_grpo_options(g: GRPOConfig) -> None:
                         f"got {g.overlong_buffer}")
     if g.rollout_seeds not in ROLLOUT_SEEDS:
         problems.append(f"grpo.rollout_seeds={g.rollout_seeds!r} is unknown; allowed values: {list(ROLLOUT_SEEDS)}")
-    if dist.world() > 1:  # both select from the FULL batch, which no rank holds (not supported yet)
-        problems += [f"grpo.{k} is not supported on several ranks yet" for k in ("dynamic_sampling", "entropy_top_fraction")
+    if g.skip_zero_advantage and (g.beta * KL_MODES.get(g.kl_mode, (1.0, 0.0))[0] > 0 or g.entropy_coef != 0):
+        problems.append("grpo.skip_zero_advantage is exact only without a KL term in the loss and without an entropy "
+                        "bonus (a zero-advantage row still has their gradient): set grpo.beta=0 or grpo.kl_mode=reward, "
+                        "and grpo.entropy_coef=0")
+    if dist.world() > 1:  # select from the FULL batch, which no rank holds / ranks would run unequal micro-batches
+        problems += [f"grpo.{k} is not supported on several ranks yet"
+                     for k in ("dynamic_sampling", "entropy_top_fraction", "skip_zero_advantage")
                      if getattr(g, k) not in (False, None)]
     if g.preset is not None and g.preset not in PRESETS:
         problems.append(f"grpo.preset={g.preset!r} is unknown; known presets: {sorted(PRESETS)}")
@@ -336,12 +341,13 @@ class GRPOTrainer:
         g, ro, mu = self.cfg.grpo, batch.rollout, self.cfg.grpo.updates_per_batch
         # the FULL batch's normaliser, summed over ranks: accumulation over micro-batches and ranks is exact
         denominator = dist.all_reduce_sum(agg_denominator(batch.loss_mask, g.agg_mode))
-        tokens = float(dist.all_reduce_sum(batch.loss_mask.sum()))
-        acc: dict[str, float] = {}
+        rows = self._update_rows(batch)  # None: every row; else the rows whose gradient can be non-zero
+        tokens = float(dist.all_reduce_sum(batch.loss_mask.sum() if rows is None else batch.loss_mask[rows].sum()))
+        acc: dict[str, float] = {} if rows is None else {"update_rows_frac": rows.numel() / ro.num_rows}
         self.model.train()
         for _ in range(mu):
             self.optimizer.zero_grad(set_to_none=True)
-            micro = self._micro_batches(ro.num_rows)
+            micro = self._micro_batches(ro.num_rows, rows)
             for j, idx in enumerate(micro):
                 with dist.grad_sync(self.policy.model, j == len(micro) - 1), self.policy.autocast():  # DDP: last syncs
                     logprobs, entropy, tc = completion_logprobs(self.policy.model, ro, idx, g.temperature,
@@ -360,6 +366,10 @@ class GRPOTrainer:
                     loss.backward()
                 share = float(batch.loss_mask[idx].sum()) / tokens if tokens else 0.0  # token-weighted means
                 _accumulate(acc, {**m, "loss": loss.detach()}, share / mu, 1.0 / mu)
+            if not micro:  # every row skipped: the full computation's gradient is exactly 0, and AdamW must
+                # still see it (a None grad would skip the parameter: no moment decay, no step count)
+                self._zero_grads()
+                _accumulate(acc, {"loss": 0.0, "pg_loss": 0.0}, 0.0, 1.0 / mu)
             grad_norm = self.policy.clip_grad_norm(g.grad_clip)
             _accumulate(acc, {"grad_norm": grad_norm}, 1.0 / mu, 1.0 / mu)
             self.optimizer.step()
@@ -367,9 +377,28 @@ class GRPOTrainer:
         # each rank's shares are of the global token count: summing over ranks gives the global means
         return dist.reduce_metrics(acc, summed=[k for k in acc if k != "grad_norm"])
 
-    def _micro_batches(self, n: int) -> list[torch.Tensor]:
+    def _micro_batches(self, n: int, rows: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Row indices of each micro-batch: 0..n-1 in order, or only `rows` (ascending) when given."""
         size = max(1, self.cfg.grpo.micro_batch_size)
+        if rows is not None:
+            return list(rows.to(self.policy.device).split(size)) if rows.numel() else []  # split of [] is ([],)
         return [torch.arange(i, min(n, i + size), device=self.policy.device) for i in range(0, n, size)]
+
+    def _update_rows(self, batch: StepBatch) -> torch.Tensor | None:
+        """With `grpo.skip_zero_advantage`: the rows (ascending) that can have a gradient, a non-zero
+        advantage and at least one loss token. Every other row's loss terms are advantage x (ratio or its
+        clip) x mask, exactly 0, so its gradient is exactly 0 (check_grpo_options rules out the KL-in-loss and
+        entropy terms that would not be); the normaliser still counts the full batch. None: train every row."""
+        if not self.cfg.grpo.skip_zero_advantage:
+            return None
+        keep = (batch.advantages != 0) & (batch.loss_mask.sum(-1) > 0)  # [N]
+        return keep.nonzero().squeeze(1)
+
+    def _zero_grads(self) -> None:
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
 
     # ---- metrics, evaluation, checkpoints -------------------------------------------------------
     def _batch_metrics(self, batch: StepBatch) -> dict[str, float]:
