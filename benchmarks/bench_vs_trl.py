@@ -21,9 +21,14 @@ round, side by side with TRL: `padded` (the default update), `packed` (grpo.pack
 prompt once per group, LM head at completion tokens only), `*_bf16` (model.mixed_precision=bf16: bf16
 autocast with fp32 master weights; TRL stays fp32). `--beta` > 0 gives every trainer a frozen reference
 copy of the initial weights.
+`packed_skip` adds grpo.skip_zero_advantage (rows with advantage exactly 0 skip the update: exact, but with
+this random-init model every reward is 0, so it skips the whole update: not a like-for-like comparison).
 The r1kit phase split (generate, score, logprobs, update) and the update phase's model FLOP utilisation
-(MFU: 6 x parameters x tokens of each completion with its prompt, over the update's seconds and the
-fp32 matmul peak of ../shared/NOTES.md, 100 GFLOP/s on 2 threads) are in the output.
+are in the output. MFU = the FLOPs the update needs (6 x parameters x (each distinct prompt's tokens once per
+group + every completion token): the shared-prefix, unpadded work) over the update's seconds and the fp32
+matmul peak measured before and after the run (the best 2048 x 2048 float32 matmul on its threads); the
+bf16 peak is measured too when a bf16 variant runs (on a CPU without native bf16, e.g. AVX2 only, bf16
+matmuls are emulated and much slower than fp32: the run warns).
 """
 from __future__ import annotations
 
@@ -70,10 +75,10 @@ from r1kit.trainers.grpo import GRPOTrainer  # noqa: E402
 from r1kit.types import Problem  # noqa: E402
 
 PROMPTS, GROUP, LR, SEED = 4, 8, 1e-4, 0
-PEAK_GFLOPS = {1: 50.0, 2: 100.0}  # fp32 matmul peak on this CPU by thread count (NOTES.md "Compute")
 PHASES = ("generate", "score", "logprobs", "update")
 # r1kit trainer variants -> their names in the results
-VARIANTS = {"padded": "r1kit", "packed": "r1kit_packed", "padded_bf16": "r1kit_bf16", "packed_bf16": "r1kit_packed_bf16"}
+VARIANTS = {"padded": "r1kit", "packed": "r1kit_packed", "padded_bf16": "r1kit_bf16", "packed_bf16": "r1kit_packed_bf16",
+            "packed_skip": "r1kit_packed_skip"}
 REWARD_WEIGHTS = {"accuracy": 1.0, "format": 0.1}  # r1kit's defaults, given to both trainers
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -153,11 +158,11 @@ class R1kitRun:
     """One r1kit GRPOTrainer on its own copy of the saved weights, with its step times and phase split."""
 
     def __init__(self, tmp: Path, problems: list[Problem], ns, variant: str, total: int):
-        packed, bf16 = variant.startswith("packed"), variant.endswith("_bf16")
+        packed, bf16, skip = variant.startswith("packed"), variant.endswith("_bf16"), variant.endswith("_skip")
         cfg = load_config(RunConfig, None, [
             f"grpo.prompts_per_step={PROMPTS}", f"grpo.group_size={GROUP}", f"grpo.max_new_tokens={ns.max_new}",
             f"grpo.beta={ns.beta}", f"grpo.packed_update={str(packed).lower()}", "grpo.temperature=1.0",
-            "grpo.top_p=1.0", f"grpo.lr={LR}", "grpo.updates_per_batch=1",
+            "grpo.top_p=1.0", f"grpo.lr={LR}", "grpo.updates_per_batch=1", f"grpo.skip_zero_advantage={str(skip).lower()}",
             "grpo.micro_batch_size=32", "grpo.grad_clip=1.0", "grpo.weight_decay=0.0", "model.dtype=float32",
             f"grpo.steps={total}", "log.progress=false", "log.tensorboard=false", "log.save_every=0",
             "log.sample_every=0", "eval.every=0", f"output_dir={tmp / 'r1kit'}", f"name=vs_trl_{variant}",
@@ -178,18 +183,35 @@ class R1kitRun:
             record, batch = self.trainer.step()
             self.times.append(time.perf_counter() - t)
             self.tokens.append(int(batch.rollout.lengths.sum()))
-            ro = batch.rollout  # tokens of each completion with its prompt: what the unshared computation runs
+            ro, G = batch.rollout, batch.rollout.group_size
+            # the tokens the update needs: each group's prompt once, every completion token of the rows it trains
+            trains = torch.ones(ro.num_rows, dtype=torch.bool)
+            if self.trainer.cfg.grpo.skip_zero_advantage:
+                trains = (batch.advantages != 0) & (batch.loss_mask.sum(-1) > 0)  # as GRPOTrainer._update_rows
+            groups = trains.view(-1, G).any(1)  # [P]
+            prompt_tokens = float(ro.prompt_mask[::G][groups].sum())
             self.phases.append({**{p: record.get(f"time/{p}", 0.0) for p in PHASES},
-                                "model_tokens": float(ro.prompt_mask.sum() + ro.completion_mask.sum())})
+                                "model_tokens": prompt_tokens + float(ro.completion_mask[trains].sum())})
 
-    def summary(self, warmup: int, params: int, threads: int) -> dict:
+    def summary(self, warmup: int, params: int, peak_gflops: float) -> dict:
         out = summarize(self.times[warmup:], self.tokens[warmup:])
         ph = self.phases[warmup:]
         out["phases_median_s"] = {p: statistics.median(x[p] for x in ph) for p in PHASES}
-        peak = PEAK_GFLOPS.get(threads, 50.0 * threads) * 1e9
-        mfu = [6 * params * x["model_tokens"] / x["update"] / peak for x in ph if x["update"] > 0]
+        mfu = [6 * params * x["model_tokens"] / x["update"] / (peak_gflops * 1e9) for x in ph if x["model_tokens"] > 0]
         out["update_mfu_median"] = statistics.median(mfu) if mfu else None
         return out
+
+
+def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) -> float:
+    """Best GFLOP/s of n x n matmuls in `dtype` on the current torch threads over about `seconds`."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b  # warm-up
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
+    return best
 
 
 def main() -> None:
@@ -212,6 +234,13 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)
     load_before = os.getloadavg()
+    peaks = {"float32": matmul_peak_gflops(torch.float32)}
+    if any(v.endswith("_bf16") for v in variants):
+        peaks["bfloat16"] = matmul_peak_gflops(torch.bfloat16, seconds=2.0)
+        if peaks["bfloat16"] < peaks["float32"]:
+            print(f"bench_vs_trl: warning: bf16 matmuls run at {peaks['bfloat16']:.0f} GFLOP/s here against "
+                  f"{peaks['float32']:.0f} in fp32 (CPU capability {torch.backends.cpu.get_cpu_capability()}: no native "
+                  "bf16); the bf16 variants will be slower than fp32", file=sys.stderr)
     t_start = time.perf_counter()
 
     task_cfg = TaskConfig()
@@ -261,13 +290,14 @@ def main() -> None:
 
     wall_s = time.perf_counter() - t_start
     load_after = os.getloadavg()
+    peaks["float32"] = max(peaks["float32"], matmul_peak_gflops(torch.float32))  # best of before and after
     w = ns.warmup
     counts = {name: len(run.times) for name, run in runs.items()}
     if not (len(trl_times) == total == trl_steps_done and set(counts.values()) == {total}):
         raise SystemExit(f"step counts differ: TRL {len(trl_times)} timed / {trl_steps_done} done, r1kit {counts}")
     same_prompts = all(trl_seen["pids"] == run.task.served for run in runs.values())
     trl_res = summarize(trl_times[w:], trl_seen["tokens"][w:])
-    results = {name: run.summary(w, params, ns.threads) for name, run in runs.items()}
+    results = {name: run.summary(w, params, peaks["float32"]) for name, run in runs.items()}
     ratios = {name: {"median": trl_res["median_s_per_step"] / r["median_s_per_step"],
                      "mean": trl_res["mean_s_per_step"] / r["mean_s_per_step"]} for name, r in results.items()}
 
@@ -279,7 +309,8 @@ def main() -> None:
                      "transformers": md.version("transformers"), "trl": md.version("trl"),
                      "accelerate": md.version("accelerate"), "datasets": md.version("datasets")},
         "threads": ns.threads, "r1kit_variants": variants, "torch_threads_seen_during_run": sorted(threads_seen),
-        "cpu_count": os.cpu_count(),
+        "cpu_count": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "matmul_peak_gflops": peaks,
         "loadavg_before": list(load_before), "loadavg_after": list(load_after),
         "setting": {"params": params, "arch": "llama", "hidden": 256, "layers": 4, "heads": 4, "intermediate": 768,
                     "dtype": "float32", "prompts_per_step": PROMPTS, "group_size": GROUP,
@@ -308,10 +339,16 @@ def main() -> None:
         ph = r["phases_median_s"]
         print(f"TRL / {name}: {ratios[name]['median']:.2f}x (median), {ratios[name]['mean']:.2f}x (mean); phases "
               f"(median s): " + ", ".join(f"{p} {ph[p]:.3f}" for p in PHASES)
-              + f"; update MFU {r['update_mfu_median'] or 0:.1%}")
+              + f"; update MFU {_pct(r['update_mfu_median'])}")
+    print("matmul peak (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items())
+          + f"; CPU capability {out['cpu_capability']}")
     print(f"same prompts: {same_prompts}; threads {ns.threads}; load {load_before[0]:.2f} -> {load_after[0]:.2f}; "
           f"wall {wall_s:.0f} s")
     print(f"wrote {RESULTS / (stem + '.json')} and {RESULTS / (stem + '.md')}")
+
+
+def _pct(x: float | None) -> str:
+    return "n/a (no row trained)" if x is None else f"{x:.1%}"
 
 
 def render_md(o: dict) -> str:
@@ -326,12 +363,17 @@ def render_md(o: dict) -> str:
     summary = "\n".join(
         f"- **TRL / {label[n]}: {o['ratio_trl_over'][n]['median']:.2f}x (median), {o['ratio_trl_over'][n]['mean']:.2f}x "
         f"(mean).** Phases (median s): {', '.join(f'{p} {x:.3f}' for p, x in o[n]['phases_median_s'].items())}; "
-        f"update MFU {o[n]['update_mfu_median'] or 0:.1%}." for n in names)
-    peak = PEAK_GFLOPS.get(o["threads"], 50.0 * o["threads"])
+        f"update MFU {_pct(o[n]['update_mfu_median'])}." for n in names)
+    peak = o["matmul_peak_gflops"]["float32"]
+    bf16_peak = o["matmul_peak_gflops"].get("bfloat16")
+    skip_note = ("" if "r1kit_packed_skip" not in o else " (except r1kit's packed_skip, grpo.skip_zero_advantage: "
+                 "its gradient is the same, exactly 0, but it skips every row's forward/backward and only steps AdamW; "
+                 "not a like-for-like comparison here)")
+    bf16_note = "" if bf16_peak is None else f" The bf16 matmul peak measured here: {bf16_peak:.0f} GFLOP/s."
     return f"""# TRL vs r1kit: seconds per GRPO step, same model, same settings, one process
 
 `{o['command']}`: torch {v['torch']}, transformers {v['transformers']}, trl {v['trl']}, accelerate
-{v['accelerate']}; {o['threads']} torch thread(s) on a {o['cpu_count']}-core CPU shared with other jobs
+{v['accelerate']}; {o['threads']} torch thread(s) on a {o['cpu_count']}-core CPU ({o['cpu_capability']}) shared with other jobs
 (load average {o['loadavg_before'][0]:.2f} before, {o['loadavg_after'][0]:.2f} after).
 
 | trainer | median s/step | mean s/step | range | completion tokens/step | completion tokens/s |
@@ -340,8 +382,9 @@ def render_md(o: dict) -> str:
 
 {summary}
 
-Update MFU: 6 x parameters x tokens of each completion with its prompt (the work of the unshared, unpadded
-computation), over the update phase's seconds and a {peak:.0f} GFLOP/s fp32 matmul peak (bf16 variants too).
+Update MFU: 6 x parameters x (each group's prompt tokens once + every completion token: the shared-prefix,
+unpadded work the update needs), over the update phase's seconds and the fp32 matmul peak measured at the start
+and end of this run, {peak:.0f} GFLOP/s (CPU capability {o['cpu_capability']}; bf16 variants too).{bf16_note}
 {o['schedule']['timed_steps_each']} timed steps each after {o['schedule']['warmup_steps_each']} warm-up steps each,
 interleaved in rounds of {o['schedule']['round']} (TRL, then each r1kit trainer), so load drift hits all. Tokens/s is total
 completion tokens over total step time.
@@ -369,7 +412,7 @@ completion tokens over total step time.
 - Completions differ: each trainer samples with its own random stream, so completion lengths differ (here
   {t['completion_tokens_per_step_mean']:.0f} vs {r['completion_tokens_per_step_mean']:.0f} tokens/step of at most
   {s['completions_per_step'] * s['max_new_tokens']}); tokens/s normalizes for that. With a random-init model
-  rewards are all 0 in both (zero advantages), but both still run the full forward/backward and optimizer step.
+  rewards are all 0 in both (zero advantages), but both still run the full forward/backward and optimizer step{skip_note}.
 - Generation is each library's own, by design: TRL calls `model.generate()` on 32 left-padded rows (each prompt
   repeated 8 times through prefill, finished rows decoded until the longest ends); r1kit uses its own engine.
 - TRL's old-policy logprobs: with num_iterations=1 and steps_per_generation=gradient_accumulation_steps, TRL skips
