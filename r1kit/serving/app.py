@@ -49,6 +49,7 @@ class ServerState:
     limits: Limits = field(default_factory=Limits)
     api_key: str | None = None
     default_system: str | None = None  # prepended when a chat has no system message
+    stream_interval: int = 0  # tokens per streamed chunk and choice; 0 = auto (see `Generation.interval`)
     created: int = field(default_factory=now)
 
 
@@ -100,6 +101,10 @@ class _Group:
     cached: int = 0
 
 
+AUTO_INTERVAL_SAMPLES = 16  # auto stream interval: one more token per chunk for each 16 open samples
+MAX_AUTO_INTERVAL = 8
+
+
 class Generation:
     """The engine requests of one HTTP call; `updates()` yields (choice index, SplitDelta, finish) lists."""
 
@@ -108,6 +113,8 @@ class Generation:
         self.state, self.queue = state, asyncio.Queue()
         self.groups: dict[str, _Group] = {}
         self.finish: dict[int, str] = {}
+        self._held: dict[int, list] = {}  # choice -> [SplitDelta, finish, tokens] not yet sent
+        self._sent: set[int] = set()  # choices whose first text went out
         self.n_choices = len(prompts) * params.n
         try:
             for p, ids in enumerate(prompts):
@@ -124,17 +131,29 @@ class Generation:
             self.close()
             raise APIError(503, str(e), code="shutting_down") from None
 
+    def interval(self) -> int:
+        """Tokens per chunk of a streamed choice. --stream-interval k > 0 fixes it; auto (0) is 1 while at
+        most 16 samples are open on the server, then one more per 16 open samples, at most 8 (64 concurrent
+        streams: 4). Each chunk costs the server one JSON event and one write, and the client one parse; under
+        load fewer, larger chunks leave more CPU to decoding (vLLM's --stream-interval makes the same trade)."""
+        k = self.state.stream_interval
+        if k > 0:
+            return k
+        return max(1, min(MAX_AUTO_INTERVAL, self.state.loop.open_samples() // AUTO_INTERVAL_SAMPLES))
+
     async def updates(self):
         """Yield, per wake-up, {choice index: (SplitDelta, finish_reason or None)} in first-seen order.
 
         Everything queued since the last wake-up is merged (one engine step when the server keeps up,
-        several when it is loaded): fewer, larger chunks instead of falling further behind."""
+        several when it is loaded): fewer, larger chunks instead of falling further behind. A choice's text
+        is also held back until `interval()` tokens of it are pending, except its first text (time to first
+        token) and its end, which go out at once."""
         try:
             while len(self.finish) < self.n_choices:
                 items = [await self.queue.get()]
                 while not self.queue.empty():
                     items.append(self.queue.get_nowait())
-                merged: dict[int, tuple[SplitDelta, str | None]] = {}
+                held = self._held
                 for item in items:
                     if isinstance(item, BaseException):
                         raise item
@@ -142,12 +161,25 @@ class Generation:
                         u = self._apply(out)
                         if u is not None:
                             idx, d, finish = u
-                            prev = merged.get(idx)
-                            if prev is not None:
-                                d = SplitDelta(prev[0].reasoning + d.reasoning, prev[0].content + d.content)
-                                finish = finish or prev[1]
-                            merged[idx] = (d, finish)
-                yield merged
+                            prev = held.get(idx)
+                            if prev is None:
+                                held[idx] = [d, finish, len(out.token_ids)]
+                            else:
+                                prev[0] = SplitDelta(prev[0].reasoning + d.reasoning, prev[0].content + d.content)
+                                prev[1] = finish or prev[1]
+                                prev[2] += len(out.token_ids)
+                k = self.interval() if held else 1
+                ready: dict[int, tuple[SplitDelta, str | None]] = {}
+                for idx in list(held):
+                    d, finish, n = held[idx]
+                    first = idx not in self._sent and (d.reasoning or d.content)
+                    if finish or n >= k or first:
+                        ready[idx] = (d, finish)
+                        del held[idx]
+                        if first:
+                            self._sent.add(idx)
+                if ready:
+                    yield ready
         finally:
             self.close()
 
@@ -304,10 +336,10 @@ async def _chat_events(state: ServerState, gen: Generation, rid: str, created: i
             events = []  # one write per wake-up
             for idx, (d, finish) in updates.items():
                 if d.reasoning:
-                    events.append(chunk(idx, {"reasoning_content": d.reasoning}))
+                    events.append(chunk(idx, {"reasoning_content": d.reasoning}, None if d.content else finish))
                 if d.content:
-                    events.append(chunk(idx, {"content": d.content}))
-                if finish:
+                    events.append(chunk(idx, {"content": d.content}, finish))
+                if finish and not (d.reasoning or d.content):
                     events.append(chunk(idx, {}, finish))
             if events:
                 yield "".join(events)

@@ -131,6 +131,10 @@ class EngineLoop:
         if len(stream.finished) >= stream.n:
             del self._streams[rid]
 
+    def open_samples(self) -> int:
+        """Samples admitted and unfinished (running or waiting for a slot): how loaded the server is."""
+        return self._pending
+
     def stats(self) -> dict:
         with self._lock:
             running = len(self._streams)

@@ -35,6 +35,7 @@ class ServeOptions:
     dtype: str = "float32"
     device: str = "auto"  # auto = cuda when available
     threads: int = 0
+    stream_interval: int = 0  # tokens per streamed chunk; 0 = auto (r1kit.serving.app.Generation.interval)
     shutdown_grace_s: float = 5.0
     log_level: str = "warning"
 
@@ -80,7 +81,8 @@ def build_state(opts: ServeOptions):
     name = opts.served_model_name or Path(opts.model).resolve().name
     limits = replace(opts.limits, max_n=min(opts.limits.max_n, opts.max_num_seqs))  # a request's n runs at once
     return ServerState(loop=loop, tokenizer=tok, model_name=name, context=context, limits=limits,
-                       api_key=opts.api_key or None, default_system=default_system_prompt(tok, opts.system_prompt))
+                       api_key=opts.api_key or None, default_system=default_system_prompt(tok, opts.system_prompt),
+                       stream_interval=opts.stream_interval)
 
 
 def serve(opts: ServeOptions) -> None:
@@ -152,9 +154,15 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--stream-interval", type=int, default=0,
+                    help="tokens per streamed chunk: 0 = auto (1 while at most 16 samples are open, then one more "
+                         "per 16 open samples, at most 8; a stream's first text and its end go out at once), "
+                         "1 = every token")
     ap.add_argument("--shutdown-grace", type=float, default=5.0, help="seconds open requests get after SIGTERM")
     ap.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     ns = ap.parse_args(argv)
+    if ns.stream_interval < 0:
+        raise R1KitError(f"--stream-interval must be >= 0, got {ns.stream_interval}")
     for name in ("port", "max_num_seqs", "max_waiting", "max_messages", "max_n"):
         if getattr(ns, name) < (0 if name == "port" else 1):
             raise R1KitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(ns, name)}")
@@ -169,5 +177,6 @@ def main(argv: list[str]) -> int:
                        served_model_name=ns.served_model_name, max_num_seqs=ns.max_num_seqs, cache_mb=ns.cache_mb,
                        backend=ns.backend,
                        max_waiting=ns.max_waiting, limits=limits, system_prompt=ns.system_prompt, dtype=ns.dtype,
-                       device=ns.device, threads=ns.threads, shutdown_grace_s=ns.shutdown_grace, log_level=ns.log_level))
+                       device=ns.device, threads=ns.threads, stream_interval=ns.stream_interval,
+                       shutdown_grace_s=ns.shutdown_grace, log_level=ns.log_level))
     return 0
