@@ -77,8 +77,8 @@ class _Parser:
                 fn = (lambda a, b: lambda e: a(e) / _nonzero(b(e)))(lhs, rhs) if tok == "/" else \
                     (lambda a, b: lambda e: a(e) * b(e))(lhs, rhs)
             elif tok is not None and (tok in ("(", "{", "\\left(", "\\frac", "\\dfrac", "\\tfrac", "\\sqrt") or tok.isalpha()):
-                if divided:  # 1/2x: (1/2)x or 1/(2x)? readers differ, so it is not decided here
-                    raise _Reject
+                if divided or tok in ("\\frac", "\\dfrac", "\\tfrac"):
+                    raise _Reject  # readers differ: 1/2x is (1/2)x or 1/(2x); 3\frac{1}{2} is a mixed number
                 rhs, lhs = self.power(), fn  # implicit product: 3x, 2\sqrt{3}, x(x+1)
                 fn = (lambda a, b: lambda e: a(e) * b(e))(lhs, rhs)
             else:
