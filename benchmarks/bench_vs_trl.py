@@ -238,7 +238,7 @@ def main() -> None:
     if any(v.endswith("_bf16") for v in variants):
         peaks["bfloat16"] = matmul_peak_gflops(torch.bfloat16, seconds=2.0)
         if peaks["bfloat16"] < peaks["float32"]:
-            print(f"bench_vs_trl: warning: bf16 matmuls run at {peaks['bfloat16']:.0f} GFLOP/s here against "
+            print(f"bench_vs_trl: warning: bf16 matmuls run at {peaks['bfloat16']:.3g} GFLOP/s here against "
                   f"{peaks['float32']:.0f} in fp32 (CPU capability {torch.backends.cpu.get_cpu_capability()}: no native "
                   "bf16); the bf16 variants will be slower than fp32", file=sys.stderr)
     t_start = time.perf_counter()
@@ -340,7 +340,7 @@ def main() -> None:
         print(f"TRL / {name}: {ratios[name]['median']:.2f}x (median), {ratios[name]['mean']:.2f}x (mean); phases "
               f"(median s): " + ", ".join(f"{p} {ph[p]:.3f}" for p in PHASES)
               + f"; update MFU {_pct(r['update_mfu_median'])}")
-    print("matmul peak (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items())
+    print("matmul peak (GFLOP/s): " + ", ".join(f"{k} {v:.3g}" for k, v in peaks.items())
           + f"; CPU capability {out['cpu_capability']}")
     print(f"same prompts: {same_prompts}; threads {ns.threads}; load {load_before[0]:.2f} -> {load_after[0]:.2f}; "
           f"wall {wall_s:.0f} s")
@@ -369,7 +369,7 @@ def render_md(o: dict) -> str:
     skip_note = ("" if "r1kit_packed_skip" not in o else " (except r1kit's packed_skip, grpo.skip_zero_advantage: "
                  "its gradient is the same, exactly 0, but it skips every row's forward/backward and only steps AdamW; "
                  "not a like-for-like comparison here)")
-    bf16_note = "" if bf16_peak is None else f" The bf16 matmul peak measured here: {bf16_peak:.0f} GFLOP/s."
+    bf16_note = "" if bf16_peak is None else f" The bf16 matmul peak measured here: {bf16_peak:.3g} GFLOP/s."
     return f"""# TRL vs r1kit: seconds per GRPO step, same model, same settings, one process
 
 `{o['command']}`: torch {v['torch']}, transformers {v['transformers']}, trl {v['trl']}, accelerate
