@@ -5,8 +5,10 @@
 The stream mixes ordinary answers (integers, fractions, LaTeX expressions) with adversarial ones (power towers,
 huge exponents and factorials, thousands of nested braces, random LaTeX token soup, unicode junk), each in the
 R1-Zero layout, graded against a math reference with `grade()` (extraction + math-verify in its time-limited
-pool, after the static pre-check). Reports p50/p99/max per call, and the language reward's p50/p99 on
-100,000-character completions. Every call is timed on its own, one after the other, on a warm pool.
+pool, after the static pre-check and quick_math's exact disproof). Reports p50/p99/max per call, and the
+language reward's p50/p99 on 100,000-character completions (300 by default, after one warm-up call that builds
+its tables). Every call is timed on its own, one after the other, on a warm pool. For figures "alone" on a
+shared machine, run it at real-time priority: `chrt -r 1 python benchmarks/bench_verifier_fuzz.py`.
 """
 from __future__ import annotations
 
@@ -75,6 +77,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lang-n", type=int, default=300, help="100,000-character completions for the language reward")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/verifier_fuzz.json"))
     args = ap.parse_args()
     mathverify.warm_up()
@@ -90,7 +93,8 @@ def main() -> int:
     rng = random.Random(args.seed)
     alphabet = "abcdefghij 0123456789+=.,漢字得ЖжΩ"
     lang_times = []
-    for _ in range(100):
+    language_reward("<think> warm up </think> <answer> 1 </answer>", problems[0])  # builds its tables once
+    for _ in range(args.lang_n):
         text = "<think> " + "".join(rng.choice(alphabet) for _ in range(100_000)) + " </think> <answer> 1 </answer>"
         start = time.perf_counter()
         language_reward(text, problems[0])
