@@ -329,3 +329,20 @@ def test_sample_rows_is_sample_tokens_row_by_row():
     for i, (t, p) in enumerate(settings):
         want_tok, want_lp = sample_tokens(logits[i : i + 1], t, p, torch.Generator().manual_seed(i))
         assert int(tokens[i]) == int(want_tok) and abs(float(logprobs[i]) - float(want_lp)) <= 1e-6, i
+
+
+def test_seeded_request_draws_its_generator_stream_in_order():
+    """A seeded request's uniforms are drawn ahead in blocks (Request.uniforms), yet each step takes exactly
+    the next ones of its generator's stream: alone, n = 1, it samples what generate() samples with a generator
+    seeded the same way (one uniform per step), and the blocks split the stream without skipping any."""
+    from r1kit.engine.scheduler import UNIFORM_BLOCK, Request
+
+    req = Request("r", [1], SamplingParams(seed=11), torch.Generator().manual_seed(11), "fast")
+    got = [x for k in (1, 2, UNIFORM_BLOCK - 1, 1, 3 * UNIFORM_BLOCK, 5) for x in req.uniforms(k)]
+    want = torch.rand((len(got), 1), generator=torch.Generator().manual_seed(11)).squeeze(1).tolist()
+    assert got == want
+    model = _llama()
+    engine = Engine(model, eos_token_ids=[], pad_token_id=PAD, cache_mb=0)
+    got, _ = _run(engine, {0: [("a", PROMPTS[2], SamplingParams(max_tokens=UNIFORM_BLOCK + 20, seed=5))]})
+    ref = engine.generate([PROMPTS[2]], max_new_tokens=UNIFORM_BLOCK + 20, generator=torch.Generator().manual_seed(5))
+    assert got[("a", 0)][0] == ref.completion_ids[0].tolist()

@@ -359,6 +359,9 @@ class FastLlama:
     def slot_kv(self, slot: int) -> torch.Tensor:
         """The K/V of a prompt slot's real (unmasked) columns, in position order: [L, 2, Hkv, Tp_real, D]."""
         real = (self.pbias[slot] == 0).nonzero().squeeze(1)  # [Tp_real]
+        lo, hi = (int(real[0]), int(real[-1]) + 1) if real.numel() else (0, 0)
+        if hi - lo == real.numel():  # one run of columns (no padding inside): a view, no copy
+            return self.pkv[:, :, slot, :, lo:hi]
         return self.pkv[:, :, slot].index_select(3, real)
 
     def prompt_kv(self, row: int, length: int) -> torch.Tensor:

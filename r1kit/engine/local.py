@@ -344,10 +344,14 @@ class Engine:
 
     def _sample_requests(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         plan = self.batch.plan()
-        u = torch.zeros(len(plan.temperature))
-        for gen, total, pos, take in plan.draws:
-            drawn = torch.rand((total, 1), generator=gen).squeeze(1)  # on the CPU, like sample_tokens' draws
-            u[pos] = drawn if take is None else drawn[take]
+        u = [0.0] * plan.n
+        for owner, total, pos, take in plan.draws:  # on the CPU, like sample_tokens' draws
+            drawn = torch.rand((total, 1)).squeeze(1).tolist() if owner is None else owner.uniforms(total)
+            if take is not None:
+                drawn = [drawn[j] for j in take]
+            for p, x in zip(pos, drawn):
+                u[p] = x
+        u = torch.tensor(u, dtype=torch.float32)  # float32 draws round-trip through Python floats exactly
         if plan.rows is None:
             return sample_rows(logits, plan.temperature, plan.top_p, u.to(logits.device))
         tokens, logprobs = self.batch.last.clone(), torch.zeros(len(self.batch), device=logits.device)
@@ -509,6 +513,9 @@ class Engine:
             return None
         L, n_kv, D = self._fast.kv_shape
         emb = self.model.get_input_embeddings().weight
+        if all(r.cached_tokens == C for r in admitted):  # (one request, say) nothing to pad: one copy
+            kv = torch.stack([torch.cat([b.kv for b in r.blocks], dim=3) for r in admitted], dim=2)
+            return kv, torch.ones(len(admitted), C, dtype=torch.bool, device=emb.device)
         kv = torch.zeros(L, 2, len(admitted), n_kv, C, D, device=emb.device, dtype=emb.dtype)
         valid = torch.zeros(len(admitted), C, dtype=torch.bool, device=emb.device)
         for i, req in enumerate(admitted):

@@ -18,6 +18,8 @@ import torch
 
 from r1kit.engine.api import SamplingParams
 
+UNIFORM_BLOCK = 32  # uniforms a seeded request draws from its generator at a time
+
 
 @dataclass(eq=False)
 class Request:
@@ -43,6 +45,20 @@ class Request:
         self.live = self.params.n
         self.finish = [None] * self.params.n
         self.tokens = [[] for _ in range(self.params.n)]
+        self._uniforms: list[float] = []  # drawn ahead from `generator` (add_request's sampling)
+        self._u_at = 0
+
+    def uniforms(self, k: int) -> list[float]:
+        """The next k uniforms of this request's own generator, drawn ahead in blocks (one torch.rand per
+        block instead of one per step). A CPU generator's stream does not depend on how it is split into
+        calls, so these are the values k draws now would give (tests/test_engine_requests.py checks it)."""
+        if self._u_at + k > len(self._uniforms):
+            block = max(k, UNIFORM_BLOCK)
+            self._uniforms = self._uniforms[self._u_at:] + torch.rand((block, 1), generator=self.generator).squeeze(1).tolist()
+            self._u_at = 0
+        out = self._uniforms[self._u_at:self._u_at + k]
+        self._u_at += k
+        return out
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
@@ -171,11 +187,11 @@ class Batch:
 
     def plan(self) -> SimpleNamespace:
         """add_request's sampling of this step, every row in one `sample_rows` pass: `rows` [b] that draw
-        (None: all), their `temperature` and `top_p` [b], and `draws`: (generator, uniforms to draw, positions
-        in rows, which of the drawn uniforms they take (None: all, in order)): one uniform per non-greedy row
-        of that generator, in row order. A seeded request owns its generator, and a sample aborted on its own
-        (`Engine.abort(id, index)`) keeps drawing its uniform there, unused, so that its siblings' tokens are
-        those they would have sampled had it run on."""
+        (None: all), their `temperature` and `top_p` [b], and `draws`: (request owning the generator or None
+        for torch's global RNG, uniforms to draw, positions in rows, which of the drawn uniforms they take
+        (None: all, in order)): one uniform per non-greedy row of that generator, in row order. A seeded
+        request owns its generator, and a sample aborted on its own (`Engine.abort(id, index)`) keeps drawing
+        its uniform there, unused, so that its siblings' tokens are those they would have sampled had it run on."""
         if self._plan is None:
             rows, temps, top_ps, by_gen = [], [], [], {}
             for i, (req, k) in enumerate(self.rows):
@@ -184,7 +200,7 @@ class Batch:
                 p, gen = req.params, req.generator
                 if p.temperature > 0:
                     key = id(gen) if gen is not None else None
-                    _, pos, slots = by_gen.setdefault(key, (gen, [], []))
+                    _, pos, slots = by_gen.setdefault(key, (req if gen is not None else None, [], []))
                     pos.append(len(rows))
                     slots.append(_draw_slot(req, k) if gen is not None else len(slots))
                 rows.append(i)
@@ -195,11 +211,11 @@ class Batch:
                 return torch.tensor(values, dtype=dtype, device=self.device)
 
             draws = []
-            for gen, pos, slots in by_gen.values():
-                total = len(slots) if gen is None else _draw_slot(self.rows[rows[pos[0]]][0], None)
-                draws.append((gen, total, col(pos), None if total == len(slots) else torch.tensor(slots)))
+            for owner, pos, slots in by_gen.values():
+                total = len(slots) if owner is None else _draw_slot(owner, None)
+                draws.append((owner, total, pos, None if total == len(slots) else slots))
             self._plan = SimpleNamespace(
-                rows=None if len(rows) == len(self.rows) else col(rows),
+                rows=None if len(rows) == len(self.rows) else col(rows), n=len(rows),
                 temperature=col(temps, torch.float32), top_p=col(top_ps, torch.float32), draws=draws,
             )
         return self._plan
