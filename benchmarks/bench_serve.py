@@ -10,6 +10,9 @@ use is recorded) and driven with the real openai client (AsyncOpenAI, max_retrie
 completions, the waves alternating between the servers so that both see the same machine load:
 - load: 1, 8 and 64 concurrent streams (each max_tokens 64, different short prompts, T = 1, seeded):
   completion tokens/s over the wave (tokens received / wall time) and time to first token p50/p99;
+- the same 64-stream waves on `r1kit serve --stream-interval 1` (every token its own SSE chunk, as
+  transformers serve sends them; the default, auto, sends 4 tokens per chunk at 64 open streams), so that the
+  share of the ratio that comes from fewer chunks is on record; the client's CPU seconds per wave are recorded;
 - shared prefix: requests sharing a ~1,000-token system prompt, each with its own question, one at a time
   (max_tokens 8): TTFT of the requests after the first (which fills the cache), r1kit with its prefix
   cache on and off (--cache-mb 0), and transformers serve.
@@ -111,15 +114,17 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 async def one_stream(client, model: str, messages: list[dict], max_tokens: int, seed: int,
-                     prompt_tokens: list | None = None) -> tuple[float, int]:
+                     prompt_tokens: list | None = None, chunk_counts: list | None = None) -> tuple[float, int]:
     """(seconds to the first text delta, completion tokens) of one streamed chat completion; the server's
-    count of prompt tokens is appended to `prompt_tokens` when it reports usage."""
+    count of prompt tokens is appended to `prompt_tokens` when it reports usage, the number of SSE chunks
+    received (role, text, finish and usage chunks) to `chunk_counts`."""
     t0 = time.perf_counter()
-    ttft, pieces, usage = None, 0, None
+    ttft, pieces, usage, chunks = None, 0, None, 0
     stream = await client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
                                                   temperature=1.0, seed=seed, stream=True,
                                                   stream_options={"include_usage": True})
     async for chunk in stream:
+        chunks += 1
         if chunk.usage is not None:
             usage = chunk.usage
         for c in chunk.choices:
@@ -131,6 +136,8 @@ async def one_stream(client, model: str, messages: list[dict], max_tokens: int, 
     tokens = usage.completion_tokens if usage is not None and usage.completion_tokens else pieces
     if prompt_tokens is not None and usage is not None and usage.prompt_tokens:
         prompt_tokens.append(usage.prompt_tokens)
+    if chunk_counts is not None:
+        chunk_counts.append(chunks)
     return (ttft if ttft is not None else time.perf_counter() - t0), tokens
 
 
@@ -140,16 +147,17 @@ async def load_wave(base_url: str, model: str, concurrency: int, wave: int) -> d
     async with openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600) as client:
         msgs = [[{"role": "user", "content": f"question {wave}-{i}: " + " ".join(random.Random(i).choices(WORDS, k=12))}]
                 for i in range(concurrency)]
-        t0, prompt_tokens = time.perf_counter(), []
-        res = await asyncio.gather(*(one_stream(client, model, m, MAX_TOKENS, i, prompt_tokens)
+        t0, cpu0, prompt_tokens, chunk_counts = time.perf_counter(), time.process_time(), [], []
+        res = await asyncio.gather(*(one_stream(client, model, m, MAX_TOKENS, i, prompt_tokens, chunk_counts)
                                      for i, m in enumerate(msgs)), return_exceptions=True)
-        wall = time.perf_counter() - t0
+        wall, client_cpu = time.perf_counter() - t0, time.process_time() - cpu0
     errors = [repr(r) for r in res if isinstance(r, BaseException)]
     ok = [r for r in res if not isinstance(r, BaseException)]
     ttfts = sorted(t for t, _ in ok)
     tokens = sum(n for _, n in ok)
     return {"concurrency": concurrency, "errors": len(errors), "error_samples": errors[:2], "tokens": tokens,
-            "seconds": wall, "tokens_per_s": round(tokens / wall, 1), "ttfts": ttfts, "prompt_tokens": prompt_tokens}
+            "seconds": wall, "tokens_per_s": round(tokens / wall, 1), "ttfts": ttfts, "prompt_tokens": prompt_tokens,
+            "chunks": chunk_counts, "client_cpu_s": client_cpu}
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -200,7 +208,9 @@ def merge_waves(waves: list[dict]) -> dict:
             "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
             "tokens_per_s_per_wave": [w["tokens_per_s"] for w in waves],
             "ttft_p50_ms": round(1000 * _pct(ttfts, 50), 1), "ttft_p99_ms": round(1000 * _pct(ttfts, 99), 1),
-            "prompt_tokens_mean": _mean([p for w in waves for p in w["prompt_tokens"]])}
+            "prompt_tokens_mean": _mean([p for w in waves for p in w["prompt_tokens"]]),
+            "chunks_per_request_mean": _mean([c for w in waves for c in w["chunks"]]),
+            "client_cpu_s_per_wave": [round(w["client_cpu_s"], 2) for w in waves]}
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -222,8 +232,11 @@ def main() -> None:
     model_dir = build_model(tmp / "model")
     prefix = shared_prefix_text(load_tokenizer(model_dir))
     r1 = r1kit_command(model_dir, ns.threads, 64)
-    commands = {"r1kit": r1, "r1kit_no_cache": [*r1, "--cache-mb", "0"]}
-    model_ids = {"r1kit": "bench", "r1kit_no_cache": "bench", "transformers": str(model_dir)}
+    commands = {"r1kit": r1, "r1kit_no_cache": [*r1, "--cache-mb", "0"],
+                "r1kit_every_token": [*r1, "--stream-interval", "1"]}
+    model_ids = {"r1kit": "bench", "r1kit_no_cache": "bench", "r1kit_every_token": "bench",
+                 "transformers": str(model_dir)}
+    load_settings = {"r1kit": CONCURRENCY, "r1kit_every_token": (64,), "transformers": CONCURRENCY}
     if ns.only is None:
         commands["transformers"] = ["transformers", "serve", str(model_dir), "--continuous-batching", "--device",
                                     "cpu", "--dtype", "float32", "--host", "127.0.0.1"]
@@ -242,15 +255,18 @@ def main() -> None:
         before = {n: cpu_seconds(p.pid) for n, p in procs.items()}
         time.sleep(3)
         results["idle_cpu_s_per_s"] = {n: round((cpu_seconds(p.pid) - before[n]) / 3, 3) for n, p in procs.items()}
-        waves: dict = {n: {c: [] for c in CONCURRENCY} for n in procs if n != "r1kit_no_cache"}
+        waves: dict = {n: {c: [] for c in load_settings[n]} for n in procs if n in load_settings}
         for rep in range(ns.repeats):
             for c in CONCURRENCY:
-                order = sorted(waves) if rep % 2 == 0 else sorted(waves, reverse=True)
+                names = [n for n in waves if c in waves[n]]
+                order = sorted(names) if rep % 2 == 0 else sorted(names, reverse=True)
                 for name in order:
                     waves[name][c].append(asyncio.run(load_wave(urls[name], model_ids[name], c, rep * 1000 + c)))
         for name in waves:
-            results[name] = {"load": [merge_waves(waves[name][c]) for c in CONCURRENCY]}
+            results[name] = {"load": [merge_waves(waves[name][c]) for c in load_settings[name]]}
         for name in procs:
+            if name == "r1kit_every_token":
+                continue
             results.setdefault(name, {})["shared_prefix"] = asyncio.run(
                 prefix_ttft(urls[name], model_ids[name], prefix, ns.prefix_requests))
     finally:
@@ -268,11 +284,13 @@ def main() -> None:
 def print_table(results: dict) -> None:
     print(f"load average {results['load_average_at_start']} -> {results['load_average_at_end']}, "
           f"idle CPU {results['idle_cpu_s_per_s']}")
-    print(f"{'server':<16}{'streams':>8}{'tok/s':>9}{'TTFT p50 ms':>13}{'TTFT p99 ms':>13}{'errors':>8}")
-    for name in ("r1kit", "transformers"):
+    print(f"{'server':<19}{'streams':>8}{'tok/s':>9}{'TTFT p50 ms':>13}{'TTFT p99 ms':>13}{'errors':>8}"
+          f"{'chunks/req':>12}{'client CPU s/wave':>19}")
+    for name in ("r1kit", "r1kit_every_token", "transformers"):
         for row in results.get(name, {}).get("load", []):
-            print(f"{name:<16}{row['concurrency']:>8}{row['tokens_per_s']:>9}{row['ttft_p50_ms']:>13}"
-                  f"{row['ttft_p99_ms']:>13}{row['errors']:>8}")
+            print(f"{name:<19}{row['concurrency']:>8}{row['tokens_per_s']:>9}{row['ttft_p50_ms']:>13}"
+                  f"{row['ttft_p99_ms']:>13}{row['errors']:>8}{row['chunks_per_request_mean']!s:>12}"
+                  f"{statistics.mean(row['client_cpu_s_per_wave']):>19.2f}")
     print("shared ~1,000-token prefix, one request at a time, TTFT after the first request:")
     for name in ("r1kit", "r1kit_no_cache", "transformers"):
         sp = results.get(name, {}).get("shared_prefix")
