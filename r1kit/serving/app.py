@@ -101,7 +101,7 @@ class _Group:
     cached: int = 0
 
 
-AUTO_INTERVAL_SAMPLES = 16  # auto stream interval: one more token per chunk for each 16 open samples
+AUTO_INTERVAL_SAMPLES = 16  # auto stream interval: open samples // 16 tokens per chunk (at least 1)
 MAX_AUTO_INTERVAL = 8
 
 
@@ -132,9 +132,8 @@ class Generation:
             raise APIError(503, str(e), code="shutting_down") from None
 
     def interval(self) -> int:
-        """Tokens per chunk of a streamed choice. --stream-interval k > 0 fixes it; auto (0) is 1 while at
-        most 16 samples are open on the server, then one more per 16 open samples, at most 8 (64 concurrent
-        streams: 4). Each chunk costs the server one JSON event and one write, and the client one parse; under
+        """Tokens per chunk of a streamed choice. --stream-interval k > 0 fixes it; auto (0) is open
+        samples on the server // 16, at least 1 and at most 8 (1 below 32 open samples, 4 at 64). Each chunk costs the server one JSON event and one write, and the client one parse; under
         load fewer, larger chunks leave more CPU to decoding (vLLM's --stream-interval makes the same trade)."""
         k = self.state.stream_interval
         if k > 0:

@@ -155,9 +155,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--stream-interval", type=int, default=0,
-                    help="tokens per streamed chunk: 0 = auto (1 while at most 16 samples are open, then one more "
-                         "per 16 open samples, at most 8; a stream's first text and its end go out at once), "
-                         "1 = every token")
+                    help="tokens per streamed chunk: 0 = auto (open samples // 16, at least 1, at most 8: 1 below 32 "
+                         "open samples, 4 at 64; a stream's first text and its end go out at once), 1 = every token")
     ap.add_argument("--shutdown-grace", type=float, default=5.0, help="seconds open requests get after SIGTERM")
     ap.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     ns = ap.parse_args(argv)
