@@ -54,7 +54,8 @@ class Request:
         calls, so these are the values k draws now would give (tests/test_engine_requests.py checks it)."""
         if self._u_at + k > len(self._uniforms):
             block = max(k, UNIFORM_BLOCK)
-            self._uniforms = self._uniforms[self._u_at:] + torch.rand((block, 1), generator=self.generator).squeeze(1).tolist()
+            drawn = torch.rand((block, 1), generator=self.generator).squeeze(1).tolist()
+            self._uniforms = self._uniforms[self._u_at:] + drawn
             self._u_at = 0
         out = self._uniforms[self._u_at:self._u_at + k]
         self._u_at += k

@@ -133,8 +133,9 @@ class Generation:
 
     def interval(self) -> int:
         """Tokens per chunk of a streamed choice. --stream-interval k > 0 fixes it; auto (0) is open
-        samples on the server // 16, at least 1 and at most 8 (1 below 32 open samples, 4 at 64). Each chunk costs the server one JSON event and one write, and the client one parse; under
-        load fewer, larger chunks leave more CPU to decoding (vLLM's --stream-interval makes the same trade)."""
+        samples on the server // 16, at least 1 and at most 8 (1 below 32 open samples, 4 at 64). Each chunk
+        costs the server one JSON event and one write, and the client one parse; under load fewer, larger
+        chunks leave more CPU to decoding (vLLM's --stream-interval makes the same trade)."""
         k = self.state.stream_interval
         if k > 0:
             return k
