@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import resource
 import sys
+import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
@@ -93,6 +94,17 @@ def check_policy_options(model: ModelConfig, lora: LoraConfig | None = None) -> 
     resolve_device(model.device)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Does this CPU multiply bf16 in hardware (AVX512-BF16 or AMX)? Without it (AVX2 only), torch emulates
+    bf16 matmuls: measured 0.26 against 179 GFLOP/s in fp32 on a 2-core AVX2 machine."""
+    probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(probe()) for probe in probes if probe is not None)
+
+
+def cpu_bf16_note() -> str:
+    return f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}, no AVX512-BF16 or AMX"
+
+
 class Policy:
     """See the module docstring: the model, tokenizer, device, precision, wrapping, optimizer, checkpoints."""
 
@@ -106,6 +118,10 @@ class Policy:
         self.device = resolve_device(device)
         self.tokenizer = tokenizer
         self.mixed_precision = mixed_precision
+        if mixed_precision == "bf16" and self.device.type == "cpu" and not cpu_has_native_bf16():
+            warnings.warn(f"model.mixed_precision=bf16 on a CPU without native bf16 ({cpu_bf16_note()}): torch emulates "
+                          "bf16 matmuls there, often 100x slower than fp32; model.mixed_precision=fp32 is faster",
+                          stacklevel=2)
         self.task_type = task_type
         self.wrapper: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None

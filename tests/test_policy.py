@@ -216,3 +216,23 @@ def test_resume_after_kills_leaves_one_row_per_step_and_the_same_weights(tmp_pat
     assert steps == [0, 1, 2, 3, 4]
     for p, q in zip(model_a.parameters(), model_c.parameters()):
         assert torch.equal(p, q)
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch):
+    """On an AVX2-only CPU torch emulates bf16 matmuls (a packed GRPO step 14.2 s against 1.07 s in fp32): the
+    user who asks for bf16 there is told so, naming the capability; with native bf16 (or fp32) nothing is said."""
+    import warnings
+
+    import r1kit.policy as policy_module
+
+    assert isinstance(policy_module.cpu_has_native_bf16(), bool)  # the real probe runs on this CPU
+    model, tok = tiny_pair()
+    monkeypatch.setattr(policy_module, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="without native bf16.*mixed_precision=fp32 is faster"):
+        Policy(copy.deepcopy(model), tok, device="cpu", mixed_precision="bf16")
+    monkeypatch.setattr(policy_module, "cpu_has_native_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Policy(copy.deepcopy(model), tok, device="cpu", mixed_precision="bf16")
+        monkeypatch.setattr(policy_module, "cpu_has_native_bf16", lambda: False)
+        Policy(copy.deepcopy(model), tok, device="cpu", mixed_precision="fp32")
