@@ -23,6 +23,7 @@ from r1kit import dist
 from r1kit.config import PIPELINE_STAGES, to_dict
 from r1kit.io import atomic_write_json
 from r1kit.recipes.zero import ATTEMPT_STRIDE
+from r1kit.tasks.base import distinct_train_problems
 from r1kit.types import R1KitError
 
 GATE_FILE = "gate.json"
@@ -45,7 +46,7 @@ def sft_readiness(ctx, model_dir: Path) -> float:
 
     cfg, e = ctx.cfg, ctx.cfg.eval
     rng = random.Random(cfg.seed + 104729 + PIPELINE_STAGES.index(ctx.name))  # same problems for every attempt
-    problems = reasoning_task(cfg).train_problems(cfg.pipeline.sft_gate_problems, rng)
+    problems = distinct_train_problems(reasoning_task(cfg), cfg.pipeline.sft_gate_problems, rng)  # each scored once
     policy = Policy.from_config(cfg, model_dir, lora=False)
     engine = policy.make_engine(backend=cfg.engine.backend)
     return evaluate_problems(engine, policy.tokenizer, problems, k=4, temperature=e.temperature, top_p=e.top_p,
