@@ -347,10 +347,8 @@ class Engine:
         u = [0.0] * plan.n
         for owner, total, pos, take in plan.draws:  # on the CPU, like sample_tokens' draws
             drawn = torch.rand((total, 1)).squeeze(1).tolist() if owner is None else owner.uniforms(total)
-            if take is not None:
-                drawn = [drawn[j] for j in take]
-            for p, x in zip(pos, drawn):
-                u[p] = x
+            for p, j in zip(pos, range(total) if take is None else take):
+                u[p] = drawn[j]
         u = torch.tensor(u, dtype=torch.float32)  # float32 draws round-trip through Python floats exactly
         if plan.rows is None:
             return sample_rows(logits, plan.temperature, plan.top_p, u.to(logits.device))
