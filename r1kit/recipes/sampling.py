@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from r1kit.config import SampleConfig
-from r1kit.evaluation.readability import repetition_ratio  # noqa: F401  (the repetitive filter; re-exported)
+from r1kit.evaluation.readability import repetition_ratio
 from r1kit.rewards.functions import accuracy_rewards
 from r1kit.rewards.language import language_consistency
 from r1kit.templates import parse_completion, render_prompt
