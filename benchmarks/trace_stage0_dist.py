@@ -3,6 +3,7 @@
     python benchmarks/trace_stage0_dist.py run OUT_1 --steps 300 --threads 1
     OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 benchmarks/trace_stage0_dist.py run OUT_2 --steps 300
     python benchmarks/trace_stage0_dist.py compare OUT_1 OUT_2
+    python benchmarks/trace_stage0_dist.py run OUT_H --halves 2   # 2 ranks' arithmetic in one process
 
 `run` builds attempt 0 of stage 0 exactly as `r1kit zero` does (corpus, tokenizer, seeded initialisation, the
 2,500-step cosine schedule of the config; config overrides as extra key=value arguments), trains its first
@@ -35,7 +36,7 @@ class _Stop(Exception):
     pass
 
 
-def run(out: Path, steps: int, threads: int, overrides: list[str]) -> int:
+def run(out: Path, steps: int, threads: int, overrides: list[str], halves: int = 1) -> int:
     import r1kit.trainers.pretrain as P
     from r1kit.cli import config_path
     from r1kit.config import RunConfig, load_config
@@ -56,8 +57,14 @@ def run(out: Path, steps: int, threads: int, overrides: list[str]) -> int:
     batch_loss, clip = P.batch_loss, policy.clip_grad_norm
 
     def traced_loss(model, batch, pad, per=None):
-        objective, loss = batch_loss(model, batch, pad, per)
         n = sum(len(d) - 1 for d in batch)
+        if halves > 1:  # one process doing what N ranks do: each share padded alone, over the global count
+            parts = [batch_loss(model, batch[dist.even_share(len(batch), world_size=halves, rank_=i)], pad, n)
+                     for i in range(halves)]
+            objective = sum(o for o, _ in parts)
+            loss = objective.detach()
+        else:
+            objective, loss = batch_loss(model, batch, pad, per)
         total, count = dist.all_reduce_sum(loss.detach().double() * n), dist.all_reduce_sum(float(n))
         rec.append({"loss": float(total / count), "tokens": float(count)})
         return objective, loss
@@ -82,7 +89,7 @@ def run(out: Path, steps: int, threads: int, overrides: list[str]) -> int:
         torch.save(state, out / "params.pt")
         (out / "trace.json").write_text(json.dumps({
             "steps": rec, "seconds": time.time() - t0, "world": dist.world(), "threads": threads,
-            "ranks_identical": all(s == sums[0] for s in sums), "overrides": overrides}))
+            "ranks_identical": all(s == sums[0] for s in sums), "overrides": overrides, "halves": halves}))
     return 0
 
 
@@ -117,6 +124,8 @@ def main() -> int:
     r.add_argument("out", type=Path)
     r.add_argument("--steps", type=int, default=300)
     r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--halves", type=int, default=1, help="in one process, take each batch's gradient as N shares "
+                   "padded alone and summed, as N ranks do (isolates the arithmetic from DDP)")
     c = sub.add_parser("compare")
     c.add_argument("a", type=Path)
     c.add_argument("b", type=Path)
@@ -126,7 +135,7 @@ def main() -> int:
     if ns.cmd == "compare":
         return compare(ns.a, ns.b)
     dist.init_from_env()
-    return dist.run_main(lambda: run(ns.out, ns.steps, ns.threads, overrides))
+    return dist.run_main(lambda: run(ns.out, ns.steps, ns.threads, overrides, ns.halves))
 
 
 if __name__ == "__main__":
