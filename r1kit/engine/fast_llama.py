@@ -304,14 +304,19 @@ class FastLlama:
             gbias = torch.zeros(B, self.tmax + 1, device=tokens.device, dtype=self.embed.dtype)
             gbias.masked_fill_(cols[None, :] > self.glen[:, None], float("-inf"))  # [B, tmax+1]
             new_kv = torch.empty(len(self.layers), 2, B, self.n_kv, D, device=tokens.device, dtype=self.embed.dtype)
-            rows = torch.arange(B, device=tokens.device)
+            # each row's new K/V goes to its own column: as flat (row, head, column) indices into one layer's
+            # [2, N*Hkv*C, D] view, one index_copy_ per layer (an advanced-index assignment costs ~20x more)
+            N, C = self.gkv.shape[2], self.gkv.shape[4]
+            heads = torch.arange(self.n_kv, device=tokens.device) * C
+            flat = (torch.arange(B, device=tokens.device)[:, None] * (self.n_kv * C) + heads[None, :]
+                    + self.glen[:, None]).reshape(-1)  # [B*Hkv]
         for li, w in enumerate(self.layers):
             h = _rms_norm(x, w.in_norm, w.in_eps)
             q = _rotate(F.linear(h, w.wq, w.bq).view(B, -1, D), cos, sin)  # [B, Hq, D]
             new_kv[li, 0] = _rotate(F.linear(h, w.wk, w.bk).view(B, -1, D), cos, sin)  # [B, Hkv, D]
             new_kv[li, 1] = F.linear(h, w.wv, w.bv).view(B, -1, D)
             if t is None:
-                self.gkv[li, :, rows, :, self.glen] = new_kv[li].transpose(0, 1)  # [B, 2, Hkv, D] at own columns
+                self.gkv[li].view(2, N * self.n_kv * C, D).index_copy_(1, flat, new_kv[li].view(2, B * self.n_kv, D))
             x = x + F.linear(self._decode_attention(li, q, gbias), w.wo, w.bo)
             x = x + _mlp(w, _rms_norm(x, w.post_norm, w.post_eps))
         if t is None:

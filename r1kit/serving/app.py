@@ -129,7 +129,8 @@ class Generation:
             raise APIError(429, str(e), code="queue_full") from None
         except EngineClosed as e:
             self.close()
-            raise APIError(503, str(e), code="shutting_down") from None
+            code = "engine_unavailable" if state.loop.failure is not None else "shutting_down"
+            raise APIError(503, str(e), code=code) from None
 
     def interval(self) -> int:
         """Tokens per chunk of a streamed choice. --stream-interval k > 0 fixes it; auto (0) is open
@@ -417,6 +418,9 @@ async def get_model(request: Request) -> Response:
 
 async def health(request: Request) -> Response:
     state: ServerState = request.app.state.r1kit
+    if state.loop.failure is not None:  # the engine process is gone: the server cannot answer, say so
+        return JSONResponse({"status": "error", "error": state.loop.failure, "model": state.model_name,
+                             **state.loop.stats()}, status_code=503)
     status = "draining" if state.loop.draining else "ok"
     return JSONResponse({"status": status, "model": state.model_name, **state.loop.stats()})
 

@@ -1,9 +1,13 @@
 """The bridge between asyncio request handlers and the (synchronous, single-threaded) engine.
 
-One engine thread owns the engine: it takes new requests and aborts from a thread-safe command list,
-calls `engine.step()` while anything is unfinished, and hands each step's `RequestOutput`s to the
-request's asyncio queue with `loop.call_soon_threadsafe` (one call per request per step). Handlers never
-touch the engine.
+The engine runs in one of two places, with the same bookkeeping here:
+- its own process (r1kit.serving.engine_process.EngineProcess, the default for the local engine): handlers
+  send commands down its pipe, and a reader thread takes each step's outputs off it;
+- a thread of the server process (an engine object; the vllm backend, `--engine-in-server`, and tests): the
+  thread takes new requests and aborts from a thread-safe command list and calls `engine.step()` while
+  anything is unfinished.
+Either way each step's `RequestOutput`s reach the requests' asyncio queues through one
+`loop.call_soon_threadsafe` per step. Handlers never touch the engine.
 
 Back-pressure: at most `max_pending` samples (a request with n = 4 counts 4) may be admitted and
 unfinished at once: running ones (the engine's `max_num_seqs`) plus those waiting for a slot. Past that,
@@ -28,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 
 from r1kit.engine.api import RequestOutput, SamplingParams
+from r1kit.serving.engine_process import EngineProcess, outputs_from_wire
 
 log = logging.getLogger("r1kit.serve")
 
@@ -79,6 +84,13 @@ class EngineLoop:
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.draining = False  # set on SIGTERM: no new requests, open ones may finish
+        self.remote = isinstance(engine, EngineProcess)
+        self._send_lock = threading.Lock()
+        self._remote_cache: dict | None = None  # the engine process's latest cache statistics
+        self.failure: str | None = None  # why the engine process ended, if it did on its own
+        if self.remote:
+            self._per_sample_abort = engine.info["per_sample_abort"]
+            return
         try:
             self._per_sample_abort = "index" in inspect.signature(engine.abort).parameters
         except (TypeError, ValueError, AttributeError):
@@ -87,7 +99,8 @@ class EngineLoop:
     # ---- called from the event loop ----
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="r1kit-engine", daemon=True)
+        self._thread = threading.Thread(target=self._read if self.remote else self._run, name="r1kit-engine",
+                                        daemon=True)
         self._thread.start()
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
@@ -97,6 +110,8 @@ class EngineLoop:
         HTTP call may share one)."""
         stream = RequestStream(request_id, params.n, queue if queue is not None else asyncio.Queue(), len(prompt_ids))
         with self._lock:
+            if self.failure is not None:
+                raise EngineClosed(self.failure)
             if self._stop or self.draining:
                 raise EngineClosed("the server is shutting down")
             if self._pending + params.n > self.max_pending:
@@ -104,9 +119,21 @@ class EngineLoop:
                                 f"({self._pending} admitted); retry later")
             self._pending += params.n
             self._streams[request_id] = stream
-            self._commands.append(("add", request_id, list(prompt_ids), params))
-        self._wake.set()
+        self._command(("add", request_id, list(prompt_ids), params))
         return stream
+
+    def _command(self, cmd: tuple) -> None:
+        """Pass a command to the engine: down the engine process's pipe, or onto the engine thread's list."""
+        if self.remote:
+            try:
+                with self._send_lock:
+                    self.engine.send(cmd)
+            except (OSError, ValueError):  # the process is gone: the reader thread fails the open requests
+                pass
+            return
+        with self._lock:
+            self._commands.append(cmd)
+        self._wake.set()
 
     def abort(self, request_id: str, index: int | None = None) -> None:
         """Cancel a request, or only its sample `index` (idempotent; a finished one is left alone)."""
@@ -120,8 +147,9 @@ class EngineLoop:
                 self._finished(request_id, stream, [index])
                 if request_id not in self._streams:  # that was its last sample: abort the request
                     index = None
-            self._commands.append(("abort", request_id, index))
-        self._wake.set()
+            if index is None and request_id in self._streams:
+                self._finished(request_id, stream, range(stream.n))
+        self._command(("abort", request_id, index))
 
     def _finished(self, rid: str, stream: RequestStream, indices) -> None:
         """Samples `indices` of `rid` are done (call with the lock held): they stop counting as pending."""
@@ -140,7 +168,12 @@ class EngineLoop:
             running = len(self._streams)
             pending = self._pending
         out = {"requests": running, "pending_samples": pending, "max_pending_samples": self.max_pending,
-               "steps": self.steps}
+               "steps": self.steps, "engine": "process" if self.remote else "thread"}
+        if self.remote:
+            out["engine_pid"] = self.engine.pid
+            if self._remote_cache is not None:
+                out["cache"] = dict(self._remote_cache)
+            return out
         cache_stats = getattr(self.engine, "cache_stats", None)
         if cache_stats is not None:
             try:
@@ -154,9 +187,45 @@ class EngineLoop:
         with self._lock:
             self._stop = True
         self._wake.set()
+        if self.remote:
+            self.engine.close(timeout)  # the reader thread then sees the pipe end
         if self._thread is not None:
             self._thread.join(timeout)
+        if self.remote:
+            self.engine.conn.close()
         self._fail_all(EngineClosed("the server is shutting down"))
+
+    # ---- the reader thread (engine process) ----
+    def _read(self) -> None:
+        conn = self.engine.conn
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                with self._lock:
+                    stopping = self._stop
+                if not stopping:  # the engine process died (killed, out of memory, crashed)
+                    self.engine.proc.join(1.0)
+                    self.failure = (f"the engine process ended unexpectedly (exit status {self.engine.proc.exitcode}); "
+                                    "restart the server")
+                    log.error(self.failure)
+                    self._fail_all(EngineClosed(self.failure))
+                return
+            kind = msg[0]
+            if kind == "out":
+                self._remote_cache = msg[2]
+                self.steps += 1
+                self._dispatch(outputs_from_wire(msg[1]))
+            elif kind == "stats":
+                self._remote_cache = msg[1]
+            elif kind == "refused":
+                self._fail(msg[1], EngineClosed(f"the engine could not take the request: {msg[2]}"))
+            elif kind == "failed":  # an engine bug: fail every open request with a 5xx, keep serving
+                with self._lock:
+                    rids = list(self._streams)
+                for rid in rids:
+                    self._command(("abort", rid, None))
+                self._fail_all(EngineClosed(f"the engine failed: {msg[1]}"))
 
     # ---- the engine thread ----
     def _run(self) -> None:
@@ -194,12 +263,7 @@ class EngineLoop:
             elif cmd[2] is not None:  # one sample: its stream stays open for its siblings
                 self.engine.abort(cmd[1], cmd[2])
             else:
-                rid = cmd[1]
-                with self._lock:
-                    stream = self._streams.get(rid)
-                    if stream is not None:
-                        self._finished(rid, stream, range(stream.n))
-                self.engine.abort(rid)  # (unknown or finished ids are ignored)
+                self.engine.abort(cmd[1])  # (unknown or finished ids are ignored)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         """Hand a step's outputs to their requests' queues: one event-loop wake-up per step, not per request."""

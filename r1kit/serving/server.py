@@ -38,6 +38,7 @@ class ServeOptions:
     stream_interval: int = 0  # tokens per streamed chunk; 0 = auto (r1kit.serving.app.Generation.interval)
     shutdown_grace_s: float = 5.0
     log_level: str = "warning"
+    engine_process: bool = True  # the local engine in a process of its own (no GIL shared with the HTTP side)
 
 
 def default_system_prompt(tokenizer, option: str | None) -> str | None:
@@ -56,27 +57,40 @@ def default_system_prompt(tokenizer, option: str | None) -> str | None:
     return None
 
 
-def build_state(opts: ServeOptions):
-    """Load the model and tokenizer, build the engine and the ServerState (no server started)."""
+def build_engine(opts: ServeOptions):
+    """Load the model and build the engine: -> (engine, tokenizer, context). Runs where the engine runs: in the
+    engine process (r1kit.serving.engine_process) or, with `engine_process=False`, in the server's own."""
     import torch
 
-    from r1kit.model import CHAT_TEMPLATE
     from r1kit.policy import Policy
-    from r1kit.serving.app import ServerState
-    from r1kit.serving.engine_loop import EngineLoop
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
     policy = Policy.load(opts.model, device=opts.device, dtype=opts.dtype)  # a bad folder: an error naming it
-    model, tok = policy.module.eval(), policy.tokenizer
-    if not getattr(tok, "chat_template", None):
-        log.warning("%s has no chat template: using r1kit's (User:/Assistant: turns)", opts.model)
-        tok.chat_template = CHAT_TEMPLATE
+    model = policy.module.eval()
     context = getattr(model.config, "max_position_embeddings", None)
     if not isinstance(context, int) or context < 2:
         raise R1KitError(f"model {opts.model!r}: its config has no usable max_position_embeddings ({context!r})")
     engine = policy.make_engine(opts.backend, max_num_seqs=opts.max_num_seqs, cache_mb=opts.cache_mb,
                                 **({"model_name": opts.model} if opts.backend == "vllm" else {}))
+    return engine, policy.tokenizer, context
+
+
+def build_state(opts: ServeOptions):
+    """Start the engine (its own process by default), then build the ServerState (no server started)."""
+    from r1kit.model import CHAT_TEMPLATE
+    from r1kit.serving.app import ServerState
+    from r1kit.serving.engine_loop import EngineLoop
+    from r1kit.serving.engine_process import EngineProcess
+
+    if opts.engine_process and opts.backend == "local":
+        engine = EngineProcess(opts)  # the child's R1KitError (a bad folder) is raised here, as in one process
+        tok, context = engine.info["tokenizer"], engine.info["context"]
+    else:  # vLLM runs its own engine-core process: its engine object stays in the server's process
+        engine, tok, context = build_engine(opts)
+    if not getattr(tok, "chat_template", None):
+        log.warning("%s has no chat template: using r1kit's (User:/Assistant: turns)", opts.model)
+        tok.chat_template = CHAT_TEMPLATE
     loop = EngineLoop(engine, max_pending=opts.max_num_seqs + opts.max_waiting)
     name = opts.served_model_name or Path(opts.model).resolve().name
     limits = replace(opts.limits, max_n=min(opts.limits.max_n, opts.max_num_seqs))  # a request's n runs at once
@@ -158,6 +172,9 @@ def main(argv: list[str]) -> int:
                     help="tokens per streamed chunk: 0 = auto (open samples // 16, at least 1, at most 8: 1 below 32 "
                          "open samples, 4 at 64; a stream's first text and its end go out at once), 1 = every token")
     ap.add_argument("--shutdown-grace", type=float, default=5.0, help="seconds open requests get after SIGTERM")
+    ap.add_argument("--engine-in-server", action="store_true",
+                    help="run the local engine as a thread of the server process instead of its own process "
+                         "(slower under load: the two share the GIL; the vllm backend always runs this way)")
     ap.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     ns = ap.parse_args(argv)
     if ns.stream_interval < 0:
@@ -177,5 +194,6 @@ def main(argv: list[str]) -> int:
                        backend=ns.backend,
                        max_waiting=ns.max_waiting, limits=limits, system_prompt=ns.system_prompt, dtype=ns.dtype,
                        device=ns.device, threads=ns.threads, stream_interval=ns.stream_interval,
-                       shutdown_grace_s=ns.shutdown_grace, log_level=ns.log_level))
+                       shutdown_grace_s=ns.shutdown_grace, log_level=ns.log_level,
+                       engine_process=not ns.engine_in_server))
     return 0
