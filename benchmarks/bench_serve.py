@@ -10,6 +10,8 @@ use is recorded) and driven with the real openai client (AsyncOpenAI, max_retrie
 completions, the waves alternating between the servers so that both see the same machine load:
 - load: 1, 8 and 64 concurrent streams (each max_tokens 64, different short prompts, T = 1, seeded):
   completion tokens/s over the wave (tokens received / wall time) and time to first token p50/p99;
+- the same 64-stream waves on `r1kit serve --engine-in-server` (the engine as a thread of the server process,
+  sharing its GIL, instead of its own process), to record what the engine process gains;
 - the same 64-stream waves on `r1kit serve --stream-interval 1` (every token its own SSE chunk, as
   transformers serve sends them; the default, auto, sends 4 tokens per chunk at 64 open streams), so that the
   share of the ratio that comes from fewer chunks is on record; the client's CPU seconds per wave are recorded;
@@ -194,9 +196,17 @@ async def prefix_ttft(base_url: str, model: str, prefix: str, requests: int) -> 
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (Linux /proc), to check that an idle server does not spin."""
+    """User + system CPU time of a process and its live child processes (r1kit's engine process), from Linux
+    /proc, to check that an idle server does not spin."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                total += cpu_seconds(int(child))
+            except OSError:  # it exited meanwhile
+                pass
+    return total
 
 
 def merge_waves(waves: list[dict]) -> dict:
@@ -233,10 +243,12 @@ def main() -> None:
     prefix = shared_prefix_text(load_tokenizer(model_dir))
     r1 = r1kit_command(model_dir, ns.threads, 64)
     commands = {"r1kit": r1, "r1kit_no_cache": [*r1, "--cache-mb", "0"],
-                "r1kit_every_token": [*r1, "--stream-interval", "1"]}
+                "r1kit_every_token": [*r1, "--stream-interval", "1"],
+                "r1kit_engine_in_server": [*r1, "--engine-in-server"]}
     model_ids = {"r1kit": "bench", "r1kit_no_cache": "bench", "r1kit_every_token": "bench",
-                 "transformers": str(model_dir)}
-    load_settings = {"r1kit": CONCURRENCY, "r1kit_every_token": (64,), "transformers": CONCURRENCY}
+                 "r1kit_engine_in_server": "bench", "transformers": str(model_dir)}
+    load_settings = {"r1kit": CONCURRENCY, "r1kit_every_token": (64,), "r1kit_engine_in_server": (64,),
+                     "transformers": CONCURRENCY}
     if ns.only is None:
         commands["transformers"] = ["transformers", "serve", str(model_dir), "--continuous-batching", "--device",
                                     "cpu", "--dtype", "float32", "--host", "127.0.0.1"]
@@ -265,7 +277,7 @@ def main() -> None:
         for name in waves:
             results[name] = {"load": [merge_waves(waves[name][c]) for c in load_settings[name]]}
         for name in procs:
-            if name == "r1kit_every_token":
+            if name in ("r1kit_every_token", "r1kit_engine_in_server"):
                 continue
             results.setdefault(name, {})["shared_prefix"] = asyncio.run(
                 prefix_ttft(urls[name], model_ids[name], prefix, ns.prefix_requests))
@@ -286,7 +298,7 @@ def print_table(results: dict) -> None:
           f"idle CPU {results['idle_cpu_s_per_s']}")
     print(f"{'server':<19}{'streams':>8}{'tok/s':>9}{'TTFT p50 ms':>13}{'TTFT p99 ms':>13}{'errors':>8}"
           f"{'chunks/req':>12}{'client CPU s/wave':>19}")
-    for name in ("r1kit", "r1kit_every_token", "transformers"):
+    for name in ("r1kit", "r1kit_engine_in_server", "r1kit_every_token", "transformers"):
         for row in results.get(name, {}).get("load", []):
             print(f"{name:<19}{row['concurrency']:>8}{row['tokens_per_s']:>9}{row['ttft_p50_ms']:>13}"
                   f"{row['ttft_p99_ms']:>13}{row['errors']:>8}{row['chunks_per_request_mean']!s:>12}"

@@ -3,10 +3,11 @@
 Starts `r1kit serve` on bench_serve.py's model (hidden 256, 4 layers, every request makes exactly 64
 tokens), drives --waves waves of --streams concurrent streamed chat completions with the openai client, and
 prints per wave: tok/s, wall seconds, the client's CPU seconds, the server's CPU seconds per thread (from
-/proc; "main" is the event loop, the other busy one the engine thread) and the engine steps taken. With
+/proc; "main" is the event loop; the engine's threads are under "engine:", or the other busy thread with
+--engine-in-server) and the engine steps taken. With
 --py-spy the server runs under `py-spy record --format raw` (pip install py-spy) and the raw profile is written
 to --out. Linux only. Run:
-    python benchmarks/profile_serve.py [--waves 3] [--streams 64] [--py-spy --out /tmp/serve.prof]
+    python benchmarks/profile_serve.py [--waves 3] [--streams 64] [--py-spy --out /tmp/serve.prof] [-- --engine-in-server]
 """
 from __future__ import annotations
 
@@ -25,12 +26,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_serve as B  # noqa: E402
 
 
-def thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds (user + system) of each thread of `pid`; the main thread is called "main"."""
+def thread_cpu(pid: int, label: str = "") -> dict[str, float]:
+    """CPU seconds (user + system) of each thread of `pid` and of its child processes (r1kit's engine process,
+    labelled "engine:"); a process's main thread is called "main"."""
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
-        fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-        out["main" if int(tid) == pid else tid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        task = Path(f"/proc/{pid}/task/{tid}")
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        name = "main" if int(tid) == pid else tid
+        out[label + name] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        for child in (task / "children").read_text().split():
+            out.update(thread_cpu(int(child), "engine:"))
     return out
 
 
@@ -46,11 +52,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--py-spy", action="store_true")
     ap.add_argument("--out", default="serve.prof")
+    ap.add_argument("server_args", nargs="*", help="more `r1kit serve` arguments, after --: -- --engine-in-server")
     ns = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="profile_serve_"))
     model = B.build_model(tmp / "model")
     port = B.free_port()
-    cmd = [*B.r1kit_command(model, ns.threads, ns.streams), "--port", str(port)]
+    cmd = [*B.r1kit_command(model, ns.threads, ns.streams), *ns.server_args, "--port", str(port)]
     if ns.py_spy:
         cmd = ["py-spy", "record", "-r", "200", "--format", "raw", "-o", ns.out, "--", *cmd]
     proc = B.start(cmd, port, tmp / "server.log", ns.threads)
