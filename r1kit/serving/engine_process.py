@@ -61,12 +61,16 @@ def _child_main(conn, opts) -> None:
         except (TypeError, ValueError, AttributeError):
             per_sample_abort = False
     except BaseException as e:  # an R1KitError names the bad folder; anything else, its type
-        conn.send(("error", str(e) if isinstance(e, R1KitError) else f"{type(e).__name__}: {e}"))
+        message = str(e) if isinstance(e, R1KitError) else f"{type(e).__name__}: {e}"
+        try:
+            conn.send(("error", message))
+        except OSError:  # the server is gone (killed while the model loaded)
+            pass
         return
-    conn.send(("ready", {"tokenizer": tokenizer, "context": context, "per_sample_abort": per_sample_abort}))
     try:
+        conn.send(("ready", {"tokenizer": tokenizer, "context": context, "per_sample_abort": per_sample_abort}))
         _serve_pipe(conn, engine)
-    except (EOFError, OSError, BrokenPipeError):
+    except (EOFError, OSError):
         return  # the server is gone
 
 
