@@ -25,14 +25,13 @@ Shutdown: `stop()` ends the thread after its current step; every open request's 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
 
 from r1kit.engine.api import RequestOutput, SamplingParams
-from r1kit.serving.engine_process import EngineProcess, outputs_from_wire
+from r1kit.serving.engine_process import EngineProcess, cache_stats_dict, outputs_from_wire, takes_sample_index
 
 log = logging.getLogger("r1kit.serve")
 
@@ -88,13 +87,7 @@ class EngineLoop:
         self._send_lock = threading.Lock()
         self._remote_cache: dict | None = None  # the engine process's latest cache statistics
         self.failure: str | None = None  # why the engine process ended, if it did on its own
-        if self.remote:
-            self._per_sample_abort = engine.info["per_sample_abort"]
-            return
-        try:
-            self._per_sample_abort = "index" in inspect.signature(engine.abort).parameters
-        except (TypeError, ValueError, AttributeError):
-            self._per_sample_abort = False
+        self._per_sample_abort = engine.info["per_sample_abort"] if self.remote else takes_sample_index(engine)
 
     # ---- called from the event loop ----
     def start(self) -> None:
@@ -174,13 +167,9 @@ class EngineLoop:
             if self._remote_cache is not None:
                 out["cache"] = dict(self._remote_cache)
             return out
-        cache_stats = getattr(self.engine, "cache_stats", None)
-        if cache_stats is not None:
-            try:
-                cs = cache_stats()
-                out["cache"] = dict(vars(cs)) if hasattr(cs, "__dict__") else dict(cs)
-            except Exception as e:  # statistics must never take the health check down
-                out["cache"] = {"error": str(e)}
+        cache = cache_stats_dict(self.engine)
+        if cache is not None:
+            out["cache"] = cache
         return out
 
     def stop(self, timeout: float = 10.0) -> None:

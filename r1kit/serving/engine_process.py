@@ -26,7 +26,6 @@ import inspect
 import logging
 import multiprocessing
 import signal
-import time
 from dataclasses import fields
 
 from r1kit.engine.api import RequestOutput
@@ -38,15 +37,24 @@ IDLE_WAIT_S = 0.05
 _OUTPUT_FIELDS = [f.name for f in fields(RequestOutput)]
 
 
-def _cache_stats(engine) -> dict | None:
+def cache_stats_dict(engine) -> dict | None:
+    """The engine's prefix-cache statistics as a plain dict (None when it has no cache_stats)."""
     cache_stats = getattr(engine, "cache_stats", None)
     if cache_stats is None:
         return None
     try:
         cs = cache_stats()
         return dict(vars(cs)) if hasattr(cs, "__dict__") else dict(cs)
-    except Exception as e:  # statistics must never take the engine down
+    except Exception as e:  # statistics must never take the engine or the health check down
         return {"error": str(e)}
+
+
+def takes_sample_index(engine) -> bool:
+    """Whether `engine.abort` can stop one sample (`abort(request_id, index)`; vLLM's stops whole requests)."""
+    try:
+        return "index" in inspect.signature(engine.abort).parameters
+    except (TypeError, ValueError, AttributeError):
+        return False
 
 
 def _child_main(conn, opts) -> None:
@@ -56,10 +64,7 @@ def _child_main(conn, opts) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         engine, tokenizer, context = build_engine(opts)
-        try:
-            per_sample_abort = "index" in inspect.signature(engine.abort).parameters
-        except (TypeError, ValueError, AttributeError):
-            per_sample_abort = False
+        per_sample_abort = takes_sample_index(engine)
     except BaseException as e:  # an R1KitError names the bad folder; anything else, its type
         message = str(e) if isinstance(e, R1KitError) else f"{type(e).__name__}: {e}"
         try:
@@ -94,7 +99,7 @@ def _serve_pipe(conn, engine) -> None:
                 else:
                     engine.abort(cmd[1], cmd[2])
             if not engine.has_unfinished():
-                conn.send(("stats", _cache_stats(engine)))  # aborts may have freed cache blocks
+                conn.send(("stats", cache_stats_dict(engine)))  # aborts may have freed cache blocks
         if not engine.has_unfinished():
             continue
         try:
@@ -102,9 +107,9 @@ def _serve_pipe(conn, engine) -> None:
         except Exception as e:
             log.exception("engine step failed")
             conn.send(("failed", f"{type(e).__name__}: {e}"))
-            time.sleep(0.01)
+            conn.poll(1.0)  # the server answers with an abort of every open request: take them before stepping again
             continue
-        conn.send(("out", [tuple(getattr(o, n) for n in _OUTPUT_FIELDS) for o in outputs], _cache_stats(engine)))
+        conn.send(("out", [tuple(getattr(o, n) for n in _OUTPUT_FIELDS) for o in outputs], cache_stats_dict(engine)))
 
 
 def outputs_from_wire(rows: list[tuple]) -> list[RequestOutput]:
