@@ -231,8 +231,11 @@ class RewardModelConfig:
     """`r1kit rm`: a Bradley-Terry reward model on preference pairs (r1kit.trainers.reward_model)."""
 
     data: str = ""  # JSONL of {"prompt", "chosen", "rejected"}; "" = synthetic pairs on general prompts
-    init: str = ""  # HF causal-LM or sequence-classification folder; "" = the pipeline's base model
+    init: str = ""  # HF causal-LM or sequence-classification folder; "" = the pipeline's SFT model (stage sft)
     pairs: int = 1000  # synthetic pairs written when data is ""
+    # Synthetic pairs' rejection kinds, cycled in these proportions (r1kit.recipes.sampling.preference_records):
+    # a wrong value (one digit changed), malformed output, a repeated answer.
+    kind_weights: dict[str, int] = field(default_factory=lambda: {"wrong_value": 1, "malformed": 1, "repeated": 1})
     epochs: int = 2
     batch_size: int = 16
     lr: float = 1e-3

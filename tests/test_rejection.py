@@ -139,8 +139,22 @@ def test_general_data_and_preferences():
     assert not {p.question for p in train} & {p.question for p in task.test_problems()}
     assert all(grade(general_completion(p), p).correct for p in train)
     prefs = preference_records(train, "r1_zero", random.Random(0))
+    assert [r["kind"] for r in prefs[:4]] == ["wrong_value", "malformed", "repeated", "wrong_value"]
     for p, r in zip(train, prefs):
         assert r["chosen"] != r["rejected"] and r["prompt"].endswith(f"User: {p.question}\nAssistant:")
         assert accuracy_reward(r["chosen"], p) == 1.0 and accuracy_reward(r["rejected"], p) == 0.0
+    # kind_weights: the kinds cycle in those proportions; the default is the same stream as no weights.
+    same = preference_records(train, "r1_zero", random.Random(0), {"wrong_value": 1, "malformed": 1, "repeated": 1})
+    assert same == prefs
+    mostly = preference_records(train, "r1_zero", random.Random(0), {"wrong_value": 4, "repeated": 1})
+    assert [r["kind"] for r in mostly[:10]] == (["wrong_value"] * 4 + ["repeated"]) * 2
+    for p, r in zip(train, mostly):
+        assert accuracy_reward(r["rejected"], p) == 0.0
+        if r["kind"] == "wrong_value":  # one digit changed, same length
+            got = r["rejected"].split("<answer> ")[1].split(" </answer>")[0]
+            assert len(got) == len(p.answer) and sum(x != y for x, y in zip(got, p.answer)) == 1
+    for bad in ({"wrong_value": 0}, {"typo": 1}, {"malformed": -1}, {"malformed": 1.5}):
+        with pytest.raises(R1KitError, match="rm.kind_weights"):
+            preference_records(train, "r1_zero", random.Random(0), bad)
     hidden = hide_answer(train[0])
     assert accuracy_reward(general_completion(train[0]), hidden) == 0.0 and hidden.meta["reference"] == train[0].answer

@@ -69,6 +69,30 @@ def test_training_lowers_loss_and_checkpoint_scores_as_reward(tmp_path, tok):
     assert REWARD_FUNCS["rm_test"](p.chosen, probs[0]) == pytest.approx(scores[0].item(), abs=1e-6)
 
 
+def test_validation_accuracy_per_kind(tmp_path, tok):
+    """Labelled pairs get an accuracy per kind; the kinds' accuracies weighted by their counts give the total."""
+    torch.manual_seed(0)
+    model = build_reward_model(None, tok, TINY)
+    pairs = [PreferencePair(p.prompt, p.chosen, p.rejected, "malformed" if p.rejected.startswith(" <answer>") else "repeated")
+             for p in _pairs(40)]
+    res = evaluate_pairs(model, tok, pairs, batch_size=7)
+    by = res["by_kind"]
+    assert set(by) == {"repeated", "malformed"} and sum(v["pairs"] for v in by.values()) == 40
+    scored = [(evaluate_pairs(model, tok, [p])["accuracy"], p.kind) for p in pairs]  # one pair at a time
+    for kind, v in by.items():
+        wins = [a for a, k in scored if k == kind]
+        assert v["accuracy"] == pytest.approx(sum(wins) / len(wins))
+    assert res["accuracy"] == pytest.approx(sum(v["accuracy"] * v["pairs"] for v in by.values()) / 40)
+    assert "by_kind" not in evaluate_pairs(model, tok, _pairs(5))  # unlabelled pairs: no split
+
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c", "kind": "malformed"}) + "\n")
+    assert read_preference_pairs(f)[0].kind == "malformed"
+    f.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c", "kind": 3}) + "\n")
+    with pytest.raises(R1KitError, match="'kind' must be a string"):
+        read_preference_pairs(f)
+
+
 def test_init_from_causal_lm_keeps_backbone(tmp_path):
     lm, tok = tiny_pair()
     save_model(lm, tok, tmp_path / "lm")

@@ -13,7 +13,7 @@ Stages (paper section 2.3; each writes runs/<name>/<stage>/ and, last, an atomic
     reason_rl_nolang     (ablation: the same RL without the language reward)
     sample            3. rejection sampling from reason_rl, plus non-reasoning examples
     sft               3. SFT of *base* on that data
-    rm                4. a reward model (Bradley-Terry) for general prompts
+    rm                4. a reward model (Bradley-Terry) for general prompts, from the SFT model
     rl_all            4. RL for all scenarios from sft: rules on reasoning prompts, the reward model on general ones
     student_base      distillation: a smaller student pretrained on the same corpus (r1kit.recipes.distill)
     distill           teacher (rl_all) traces that pass rejection sampling -> SFT of the student
@@ -531,10 +531,12 @@ def stage_sft(ctx: StageContext) -> dict[str, Any]:
     return sft_stage(ctx, ctx.model("base"), ctx.data("sample"), gated=True)
 
 
-@register_stage("rm", parents=("base",), keys=("rm", "task.template"),
-                explicit=lambda c: {"base": c.rm.init, "preference data": c.rm.data})
+@register_stage("rm", parents=("sft",), keys=("rm", "task.template"),
+                explicit=lambda c: {"sft": c.rm.init, "preference data": c.rm.data})
 def stage_rm(ctx: StageContext) -> dict[str, Any]:
-    """Stage 4a: a Bradley-Terry reward model for general prompts, from the base model's backbone."""
+    """Stage 4a: a Bradley-Terry reward model for general prompts, from the SFT model's backbone (as
+    InstructGPT's reward models start from the SFT model: the base model has never seen a general prompt,
+    and a reward model from it stayed at chance on one-digit-wrong answers, README "General prompts")."""
     from r1kit.model import load_tokenizer
     from r1kit.policy import Policy
     from r1kit.recipes.sampling import GeneralTask, preference_records
@@ -548,10 +550,11 @@ def stage_rm(ctx: StageContext) -> dict[str, Any]:
         data = ctx.dir / "prefs.jsonl"
         if not data.exists():
             rng = random.Random(ctx.seed)
-            write_jsonl(data, preference_records(GeneralTask().train_problems(cfg.rm.pairs, rng), cfg.task.template, rng))
+            write_jsonl(data, preference_records(GeneralTask().train_problems(cfg.rm.pairs, rng), cfg.task.template, rng,
+                                                 cfg.rm.kind_weights))
         ctx.record_input(data)
     if not (ctx.dir / "rm.json").exists():
-        init = ctx.model("base")
+        init = ctx.model("sft")
         tok = load_tokenizer(init)
         policy = Policy(build_reward_model(init, tok), tok, device=cfg.model.device, lora=cfg.lora, task_type="SEQ_CLS",
                         mixed_precision=cfg.model.mixed_precision)

@@ -259,17 +259,29 @@ def _wrong_value(answer: str, rng: random.Random) -> str:
     return answer[:i] + digit + answer[i + 1 :]
 
 
-def preference_records(problems: Sequence[Problem], template: str, rng: random.Random) -> list[dict[str, str]]:
-    """One {"prompt", "chosen", "rejected"} per general problem: chosen is the right direct answer;
-    rejected is, in turn, a wrong value, malformed output, or a repetitive answer (the labels a human
-    would give; the reward model never sees the rule that wrote them)."""
+PREFERENCE_KINDS = ("wrong_value", "malformed", "repeated")
+
+
+def preference_records(problems: Sequence[Problem], template: str, rng: random.Random,
+                       kind_weights: dict[str, int] | None = None) -> list[dict[str, str]]:
+    """One {"prompt", "chosen", "rejected", "kind"} per general problem: chosen is the right direct answer;
+    rejected is a wrong value (one digit changed), malformed output, or a repetitive answer (the labels a
+    human would give; the reward model never sees the rule that wrote them, nor "kind", which only splits
+    its validation accuracy). The kinds cycle in the proportions of `kind_weights` (default: in turn)."""
+    weights = {k: 1 for k in PREFERENCE_KINDS} if kind_weights is None else dict(kind_weights)
+    bad = [k for k, w in weights.items() if k not in PREFERENCE_KINDS or not isinstance(w, int) or isinstance(w, bool) or w < 0]
+    if bad or not sum(weights.values()):
+        raise R1KitError(f"rm.kind_weights: need non-negative integer weights, not all 0, over {list(PREFERENCE_KINDS)}; "
+                         f"got {kind_weights}")
+    cycle = [PREFERENCE_KINDS.index(k) for k in PREFERENCE_KINDS for _ in range(weights.get(k, 0))]
     out = []
     for i, p in enumerate(problems):
-        a = p.answer
-        rejected = [f" <think></think> <answer> {_wrong_value(a, rng)} </answer>",
-                    rng.choice([f" {a}", f" <answer> {a}", f" <think> {a} </think>"]),
-                    f" <think></think> <answer> {' '.join([a] * rng.randint(2, 4))} </answer>"][i % 3]
-        out.append({"prompt": render_prompt(p.question, template), "chosen": general_completion(p), "rejected": rejected})
+        a, j = p.answer, cycle[i % len(cycle)]
+        candidates = [f" <think></think> <answer> {_wrong_value(a, rng)} </answer>",  # all three drawn: same stream
+                      rng.choice([f" {a}", f" <answer> {a}", f" <think> {a} </think>"]),
+                      f" <think></think> <answer> {' '.join([a] * rng.randint(2, 4))} </answer>"]
+        out.append({"prompt": render_prompt(p.question, template), "chosen": general_completion(p),
+                    "rejected": candidates[j], "kind": PREFERENCE_KINDS[j]})
     return out
 
 

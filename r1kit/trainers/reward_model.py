@@ -41,6 +41,7 @@ class PreferencePair:
     prompt: str  # the prompt text as the policy saw it
     chosen: str  # the preferred completion
     rejected: str  # the other one
+    kind: str = ""  # optional label of how the rejected answer is wrong; validation accuracy is reported per kind
 
 
 def read_preference_pairs(path: Path) -> list[PreferencePair]:
@@ -52,9 +53,11 @@ def read_preference_pairs(path: Path) -> list[PreferencePair]:
     for loc, d in load_records(path):
         if not all(isinstance(d.get(k), str) for k in ("prompt", "chosen", "rejected")):
             raise R1KitError(f"preference file {str(path)!r}, {loc}: expected string fields 'prompt', 'chosen', 'rejected'")
+        if not isinstance(d.get("kind", ""), str):
+            raise R1KitError(f"preference file {str(path)!r}, {loc}: 'kind' must be a string, got {d['kind']!r}")
         if d["chosen"] == d["rejected"]:
             raise R1KitError(f"preference file {str(path)!r}, {loc}: chosen and rejected are the same text")
-        pairs.append(PreferencePair(d["prompt"], d["chosen"], d["rejected"]))
+        pairs.append(PreferencePair(d["prompt"], d["chosen"], d["rejected"], d.get("kind", "")))
     if not pairs:
         raise R1KitError(f"preference file {str(path)!r} has no pairs")
     return pairs
@@ -98,22 +101,29 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Te
 
 
 @torch.no_grad()
-def evaluate_pairs(model, tokenizer, pairs: list[PreferencePair], batch_size: int = 64) -> dict[str, float]:
-    """Pairwise accuracy (chosen scored higher) and mean Bradley-Terry loss over `pairs`."""
+def evaluate_pairs(model, tokenizer, pairs: list[PreferencePair], batch_size: int = 64) -> dict[str, Any]:
+    """Pairwise accuracy (chosen scored higher), mean Bradley-Terry loss and mean margin over `pairs`; with
+    labelled pairs also "by_kind": {kind: {"accuracy", "pairs"}} (an overall accuracy can hide a kind at chance)."""
     if not pairs:
         return {"accuracy": float("nan"), "loss": float("nan"), "margin": float("nan")}
     was = model.training
     model.eval()
-    wins, losses, margins = 0.0, 0.0, 0.0
+    won: list[bool] = []
+    losses, margins = 0.0, 0.0
     for i in range(0, len(pairs), batch_size):
         b = pairs[i : i + batch_size]
         rc = rewards_of(model, tokenizer, [p.prompt for p in b], [p.chosen for p in b])
         rr = rewards_of(model, tokenizer, [p.prompt for p in b], [p.rejected for p in b])
-        wins += float((rc > rr).sum())
+        won += (rc > rr).tolist()
         losses += float(bradley_terry_loss(rc, rr)) * len(b)
         margins += float((rc - rr).sum())
     model.train(was)
-    return {"accuracy": wins / len(pairs), "loss": losses / len(pairs), "margin": margins / len(pairs)}
+    out: dict[str, Any] = {"accuracy": sum(won) / len(pairs), "loss": losses / len(pairs), "margin": margins / len(pairs)}
+    kinds = sorted({p.kind for p in pairs if p.kind})
+    if kinds:
+        out["by_kind"] = {k: {"accuracy": sum(w for w, p in zip(won, pairs) if p.kind == k) / n, "pairs": n}
+                          for k in kinds for n in [sum(p.kind == k for p in pairs)]}
+    return out
 
 
 def split_pairs(pairs: list[PreferencePair], val_frac: float, seed: int) -> tuple[list[PreferencePair], list[PreferencePair]]:
