@@ -19,7 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from r1kit.recipes.r1_report import attempts, readability_of  # noqa: E402
+from r1kit.config import RunConfig, load_config  # noqa: E402
+from r1kit.recipes.r1_report import attempts, general_rm_score, readability_of  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -56,6 +57,11 @@ def run_seed(seed: int, out: Path, overrides: list[str]) -> dict[str, dict]:
             if "eval" in rec and "readability" not in rec["eval"]:  # finished before the metric existed
                 rec["eval"].update(readability_of(f.parent, "en"))
     recs["zero"] = recs["base"]
+    rm_model = out / main / "rm" / "model"
+    if rm_model.exists():  # the reward model's view of the general samples before and after stage 4
+        cfg = load_config(RunConfig, out / main / "config.yaml")
+        recs["rm_scores"] = {st: general_rm_score(out / main / st, rm_model, template=cfg.task.template,
+                                                  general_test=cfg.pipeline.general_test) for st in ("sft", "rl_all")}
     return recs
 
 
@@ -139,6 +145,9 @@ def acceptance(run: dict) -> list[tuple[str, bool | None, str]]:
                 "not run" if d is None or r is None else f"{d:.3f} - {r:.3f} = {d - r:+.3f}"))
     g0, g1 = p("sft", "general_pass1"), p("rl_all", "general_pass1")
     out.append(("general pass@1 rises in stage 4", None if g0 is None or g1 is None else g1 > g0, f"{g0} -> {g1}"))
+    s0, s1 = (run.get("rm_scores", {}).get(st, {}).get("rm_score") for st in ("sft", "rl_all"))
+    out.append(("general RM score rises in stage 4", None if s0 is None or s1 is None else s1 > s0,
+                "not measured" if s0 is None or s1 is None else f"{s0:.3f} -> {s1:.3f}"))
     return out
 
 
@@ -157,6 +166,7 @@ def write_results(runs: list[dict], seeds: list[int]) -> None:
                "distill_budget_s": r["base"].get("distill", {}).get("budget_s"),
                "student_rl_steps": r["base"].get("student_rl", {}).get("rl", {}).get("steps"),
                "reward_model": r["base"].get("rm", {}).get("rm"),
+               "general_rm_scores": r.get("rm_scores"),
                "gate_attempts": {g: attempts(r["base"][g]) for g in GATED if g in r["base"]},
                "gate_checks": {g: r["base"][g].get("gate") or r["base"][g].get("pretrain", {}).get("gate")
                                for g in GATED if g in r["base"]}} for s, r in zip(seeds, runs)]
@@ -188,7 +198,13 @@ def write_results(runs: list[dict], seeds: list[int]) -> None:
             md.append(f"  teacher traces: kept {dt['kept']}/{dt['samples']}; distillation took {e['distill_budget_s']:.0f}s; "
                       f"the RL-only student ran {e['student_rl_steps']} GRPO steps in that time.")
         if rm:
-            md.append(f"  reward model: validation pairwise accuracy {rm['val_before']['accuracy']:.3f} -> {rm['val_after']['accuracy']:.3f}.")
+            kinds = rm["val_after"].get("by_kind", {})
+            md.append(f"  reward model: validation pairwise accuracy {rm['val_before']['accuracy']:.3f} -> {rm['val_after']['accuracy']:.3f}"
+                      + (" (" + ", ".join(f"{k} {v['accuracy']:.3f} on {v['pairs']}" for k, v in kinds.items()) + ")" if kinds else "") + ".")
+        for st, sc in (e["general_rm_scores"] or {}).items():
+            if sc:
+                md.append(f"  general samples after {st}: reward-model score {sc['rm_score']:.3f} (right answers "
+                          f"{sc['rm_score_right']:.3f}, wrong {sc['rm_score_wrong']:.3f}; {sc['samples']} samples).")
     (RESULTS / "r1_pipeline.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     plot(table, seeds, RESULTS / "r1_pipeline.png")
