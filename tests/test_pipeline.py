@@ -163,6 +163,24 @@ def test_bad_input_stops_the_pipeline_naming_stage_and_cause(tmp_path, base_mode
         r1.run_pipeline(replace(cfg, pipeline=replace(cfg.pipeline, stages=["base", "nope"])), log=quiet)
 
 
+def test_late_stage_settings_are_checked_before_the_first_stage(tmp_path):
+    """A bad value for rm, sample or an SFT gate stops the pipeline before stage 0 writes anything."""
+    quiet = lambda s: None  # noqa: E731
+    for over, match in (({"rm": {"kind_weights": {"typo": 1}}}, "rm.kind_weights"),
+                        ({"rm": {"kind_weights": {"wrong_value": 0, "malformed": 0, "repeated": 0}}}, "rm.kind_weights"),
+                        ({"sample": {"max_per_prompt": 0}}, "sample.max_per_prompt"),
+                        ({"pipeline": {"sft_max_attempts": 0}}, "pipeline.sft_max_attempts"),
+                        ({"pipeline": {"overrides": {"distill": {"sample": {"num_prompts": 0}}}}}, "sample.num_prompts")):
+        root = tmp_path / str(len(list(tmp_path.iterdir())))
+        cfg = from_dict(RunConfig, {**MICRO, "output_dir": str(root), **{k: {**MICRO.get(k, {}), **v} for k, v in over.items()}})
+        with pytest.raises(R1KitError, match=match):
+            r1.run_pipeline(cfg, log=quiet)
+        assert not root.exists()
+    # rm.data given: the synthetic pairs' kinds are not used, so not checked
+    cfg = from_dict(RunConfig, {**MICRO, "rm": {**MICRO["rm"], "kind_weights": {"typo": 1}, "data": "x.jsonl"}})
+    r1.check_stage_settings(cfg)
+
+
 def test_stage_overrides_are_type_checked_and_scoped(tmp_path):
     cfg = from_dict(RunConfig, {**MICRO, "pipeline": {"overrides": {"cold_sft": {"sft": {"epochs": 7}}}}})
     assert r1.stage_config(cfg, "cold_sft").sft.epochs == 7 and r1.stage_config(cfg, "sft").sft.epochs == 3

@@ -287,6 +287,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str
     unknown = [s for s in cfg.pipeline.stages if s not in PIPELINE_STAGES]
     if unknown:
         raise R1KitError(f"pipeline.stages: unknown stages {unknown}; stages: {PIPELINE_STAGES}")
+    check_stage_settings(cfg)
     root = cfg.run_dir
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(root / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
@@ -295,6 +296,21 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str
         records[name] = run_stage(cfg, name, log)
     atomic_write_text(root / "pipeline.md", results_table(records, cfg))
     return records
+
+
+def check_stage_settings(cfg: RunConfig) -> None:
+    """The settings that the stages would otherwise check only when they start, checked before the first one
+    runs: a bad value for a late stage must not cost the hour of stages before it."""
+    from r1kit.recipes.r1_gate import validate_gate
+    from r1kit.recipes.sampling import kind_cycle, validate_sample_config
+
+    stages = set(cfg.pipeline.stages)
+    for name in stages & {"cold_sft", "sft"}:
+        validate_gate(stage_config(cfg, name).pipeline)
+    for name in stages & {"sample", "distill"}:
+        validate_sample_config(stage_config(cfg, name).sample)
+    if "rm" in stages and not stage_config(cfg, "rm").rm.data:
+        kind_cycle(stage_config(cfg, "rm").rm.kind_weights)
 
 
 # ----------------------------------------------------------------------------- shared stage pieces
@@ -536,7 +552,7 @@ def stage_sft(ctx: StageContext) -> dict[str, Any]:
 def stage_rm(ctx: StageContext) -> dict[str, Any]:
     """Stage 4a: a Bradley-Terry reward model for general prompts, from the SFT model's backbone (as
     InstructGPT's reward models start from the SFT model: the base model has never seen a general prompt,
-    and a reward model from it stayed at chance on one-digit-wrong answers, README "General prompts")."""
+    and a reward model from it stayed at chance on one-digit-wrong answers, r1_observations.md §7)."""
     from r1kit.model import load_tokenizer
     from r1kit.policy import Policy
     from r1kit.recipes.sampling import GeneralTask, preference_records

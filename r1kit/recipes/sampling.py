@@ -262,18 +262,24 @@ def _wrong_value(answer: str, rng: random.Random) -> str:
 PREFERENCE_KINDS = ("wrong_value", "malformed", "repeated")
 
 
+def kind_cycle(kind_weights: dict[str, int] | None) -> list[int]:
+    """Indices into PREFERENCE_KINDS, each repeated by its weight (None: one of each, in turn); R1KitError
+    naming rm.kind_weights on an unknown kind or a weight that is not a non-negative integer, or all 0."""
+    weights = {k: 1 for k in PREFERENCE_KINDS} if kind_weights is None else dict(kind_weights)
+    bad = [k for k, w in weights.items() if k not in PREFERENCE_KINDS or not isinstance(w, int) or isinstance(w, bool) or w < 0]
+    if bad or not sum(weights.values()):
+        raise R1KitError(f"rm.kind_weights: need non-negative integer weights, not all 0, over {list(PREFERENCE_KINDS)}; "
+                         f"got {kind_weights}")
+    return [j for j, k in enumerate(PREFERENCE_KINDS) for _ in range(weights.get(k, 0))]
+
+
 def preference_records(problems: Sequence[Problem], template: str, rng: random.Random,
                        kind_weights: dict[str, int] | None = None) -> list[dict[str, str]]:
     """One {"prompt", "chosen", "rejected", "kind"} per general problem: chosen is the right direct answer;
     rejected is a wrong value (one digit changed), malformed output, or a repetitive answer (the labels a
     human would give; the reward model never sees the rule that wrote them, nor "kind", which only splits
     its validation accuracy). The kinds cycle in the proportions of `kind_weights` (default: in turn)."""
-    weights = {k: 1 for k in PREFERENCE_KINDS} if kind_weights is None else dict(kind_weights)
-    bad = [k for k, w in weights.items() if k not in PREFERENCE_KINDS or not isinstance(w, int) or isinstance(w, bool) or w < 0]
-    if bad or not sum(weights.values()):
-        raise R1KitError(f"rm.kind_weights: need non-negative integer weights, not all 0, over {list(PREFERENCE_KINDS)}; "
-                         f"got {kind_weights}")
-    cycle = [PREFERENCE_KINDS.index(k) for k in PREFERENCE_KINDS for _ in range(weights.get(k, 0))]
+    cycle = kind_cycle(kind_weights)
     out = []
     for i, p in enumerate(problems):
         a, j = p.answer, cycle[i % len(cycle)]

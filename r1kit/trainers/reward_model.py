@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,10 +120,9 @@ def evaluate_pairs(model, tokenizer, pairs: list[PreferencePair], batch_size: in
         margins += float((rc - rr).sum())
     model.train(was)
     out: dict[str, Any] = {"accuracy": sum(won) / len(pairs), "loss": losses / len(pairs), "margin": margins / len(pairs)}
-    kinds = sorted({p.kind for p in pairs if p.kind})
-    if kinds:
-        out["by_kind"] = {k: {"accuracy": sum(w for w, p in zip(won, pairs) if p.kind == k) / n, "pairs": n}
-                          for k in kinds for n in [sum(p.kind == k for p in pairs)]}
+    counts, wins = Counter(p.kind for p in pairs if p.kind), Counter(p.kind for w, p in zip(won, pairs) if p.kind and w)
+    if counts:
+        out["by_kind"] = {k: {"accuracy": wins[k] / n, "pairs": n} for k, n in sorted(counts.items())}
     return out
 
 
