@@ -116,6 +116,8 @@ CASES = {
     "llama_mha_untied": (dict(kv_heads=4, tied=False), [6, 2], [3, 8, 5, 1, 4, 2, 7, 6], 4),
     "qwen2_biases_gqa": (dict(arch="qwen2", kv_heads=1), [4, 8], [2, 6, 5, 9, 3, 1], 3),
     "all_empty_but_one": (dict(), [7, 3], [0, 0, 0, 5, 2, 0, 4, 1], 4),
+    # short and long rows: attention runs in two segments (see test_rows_of_very_different_lengths_...)
+    "two_segments": (dict(kv_heads=2), [5, 3], [2, 1, 0, 90, 3, 88, 2, 2], 4),
 }
 
 
@@ -181,6 +183,19 @@ def test_layout_shares_each_prompt_once_and_skips_padding():
     assert lay.positions[8:12].tolist() == [5, 6, 7, 8]  # completion 0 continues after its prompt
     assert lay.positions[-3:].tolist() == [3, 4, 5]  # row 5 (prompt of length 3)
     assert lay.predictors.numel() == 4 + 1 + 2 + 6 + 1 + 3  # the empty row predicts t = 0 (zeroed)
+
+
+def test_rows_of_very_different_lengths_get_two_attention_segments():
+    """Short rows padded to the longest would pay for slots they do not have: they get their own SDPA call
+    (the float64 equality with the padded forward is CASES["two_segments"]); similar rows stay in one."""
+    from r1kit.trainers.packed_forward import _segments
+
+    ro = make_rollout([5, 3], [2, 1, 0, 90, 3, 88, 2, 2], 4)
+    lay = pack_rows(ro, torch.arange(8))
+    assert [(seg.rows, seg.width) for seg in lay.segments] == [(6, 3), (2, 90)]
+    assert sorted(lay.out_index.tolist()) == lay.out_index.unique().tolist()  # every token has its own slot
+    assert _segments([60, 64, 58, 64], 40) == [[0, 1, 2, 3]]
+    assert _segments([0], 3) == [[0]]
 
 
 def test_all_empty_micro_batch_keeps_a_graph():
@@ -316,6 +331,38 @@ def test_packed_pretraining_loss_and_gradients_equal_the_padded_batch_loss(arch,
     assert abs(oa - ob) <= 1e-6 and abs(ma - mb) <= 1e-6
     for n in ga:
         assert (ga[n] - gb[n]).abs().max() <= 1e-10, n
+
+
+@pytest.mark.parametrize("arch,kv", [("llama", 2), ("qwen2", 1)])
+def test_a_prefix_shared_by_every_document_runs_once_with_the_same_loss_and_gradients(arch, kv):
+    """Stage 0's documents all start with the template's text: the prefix runs once, its predictions weigh
+    once per document, and the loss and gradients equal the padded batch's (float64, 1e-10)."""
+    from r1kit.trainers.packed_forward import pack_documents, packed_batch_loss
+    from r1kit.trainers.pretrain import batch_loss
+
+    model = make_model(arch=arch, kv_heads=kv).train()
+    g = torch.Generator().manual_seed(4)
+    prefix = torch.randint(2, VOCAB, (7,), generator=g).tolist()
+    # remainders of 0 to 40 tokens; one document shares 2 more tokens with another (the prefix stays common)
+    docs = [prefix + torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in (1, 9, 3, 40, 0, 12)]
+    docs[2] = docs[1][:9] + docs[2][7:]
+    lay = pack_documents(docs)
+    assert lay.num_units == 1 and lay.prompt_width == 6  # cut one short of the shortest document (the prefix)
+    assert lay.ids.numel() == sum(map(len, docs)) - 5 * 6  # the shared part once
+    assert lay.targets.numel() == sum(len(d) - 1 for d in docs)  # every prediction, the prefix's once per document
+    assert pack_documents(docs, share_prefix=False).ids.numel() == sum(map(len, docs))
+    results = []
+    for fn in (lambda: batch_loss(model, docs, PAD, per=70.0), lambda: packed_batch_loss(model, docs, per=70.0),
+               lambda: packed_batch_loss(model, docs, per=70.0, share_prefix=False)):
+        model.zero_grad(set_to_none=True)
+        objective, mean = fn()
+        objective.backward()
+        results.append((objective.detach(), mean, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (oa, ma, ga) = results[0]
+    for ob, mb, gb in results[1:]:
+        assert abs(oa - ob) <= 1e-6 and abs(ma - mb) <= 1e-6  # float32 logits' cross-entropy, as training
+        for n in ga:
+            assert (ga[n] - gb[n]).abs().max() <= 1e-10, n
 
 
 def test_packed_pretraining_trains_the_same_model():

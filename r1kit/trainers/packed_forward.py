@@ -77,8 +77,22 @@ def _sliding_window(config) -> int | None:
 
 
 @dataclass
+class Segment:
+    """Completion rows whose attention runs in one SDPA call, padded to the segment's longest completion.
+
+    Rows of very different lengths go to different segments (see `_segments`): a short row padded to the
+    batch's longest would pay for keys and queries it does not have."""
+
+    query_view: torch.Tensor  # [n * tc] long, flat token of each query slot
+    key_view: torch.Tensor  # [n * (Tp' + tc)] long, keys of a row: its prompt's slots, then its own
+    key_mask: torch.Tensor  # [n, 1, tc, Tp' + tc] bool, the prompt's real tokens + own tokens up to the query
+    rows: int  # n
+    width: int  # tc
+
+
+@dataclass
 class PackedLayout:
-    """Where each token of a micro-batch lives: flat, and in the two padded attention views.
+    """Where each token of a micro-batch lives: flat, and in the padded attention views.
 
     B rows (completions) from U distinct prompts; T = sum(p_u) + sum(c_b) flat tokens, prompts first.
     The views are filled by gathering flat tokens; a padding slot gathers token 0, which is harmless: a
@@ -89,10 +103,8 @@ class PackedLayout:
     ids: torch.Tensor  # [T] long, flat tokens: prompt tokens (unit-major) then completion tokens (row-major)
     positions: torch.Tensor  # [T] long, 0..p_u-1 for a prompt, p_u + t for completion token t
     prompt_view: torch.Tensor  # [U * Tp'] long, flat token of each prompt-view slot (left-aligned prompts)
-    query_view: torch.Tensor  # [B * Tc] long, flat token of each completion-view query slot
-    key_view: torch.Tensor  # [B * (Tp' + Tc)] long, keys of a row: its prompt's slots, then its own
-    key_mask: torch.Tensor  # [B, 1, Tc, Tp' + Tc] bool, the prompt's real tokens + own tokens up to the query
-    out_index: torch.Tensor  # [T] long, each flat token's slot in cat(prompt view, completion view)
+    segments: list[Segment]  # the completion rows' attention views (none for documents without a shared prefix)
+    out_index: torch.Tensor  # [T] long, each flat token's slot in cat(prompt view, segment views...)
     predictors: torch.Tensor  # [M] long, flat index of the token whose output predicts (row, t) below
     pred_rows: torch.Tensor  # [M] long
     pred_cols: torch.Tensor  # [M] long
@@ -117,6 +129,30 @@ def _check_completions(cmask: torch.Tensor, clen: torch.Tensor) -> None:
                          "(right padding only); a row has a gap")
 
 
+# One more SDPA call (and its gathers) costs about this many query x key slots of attention work; rows are
+# split into two segments only when that saves more. Measured on zero-tiny's stage-0 batches (2 cores).
+_SEGMENT_OVERHEAD = 20_000
+
+
+def _segments(clen: list[int], tp: int) -> list[list[int]]:
+    """Rows grouped for attention: one group, or two (short rows, long rows) when padding every row to the
+    longest costs more query x key slots than a second SDPA call. clen: each row's completion length."""
+    order = sorted(range(len(clen)), key=clen.__getitem__)
+    width = lambda c: max(c, 1)  # noqa: E731  an empty row still has one (masked) query slot
+    longest = width(clen[order[-1]])
+    best, cut = len(order) * longest * (tp + longest), None
+    for k in range(1, len(order)):
+        a = width(clen[order[k - 1]])
+        if a == longest:
+            break
+        cost = k * a * (tp + a) + (len(order) - k) * longest * (tp + longest) + _SEGMENT_OVERHEAD
+        if cost < best:
+            best, cut = cost, k
+    if cut is None:
+        return [list(range(len(clen)))]
+    return [sorted(order[:cut]), sorted(order[cut:])]
+
+
 def pack_rows(rollout: Rollout, idx: torch.Tensor) -> PackedLayout:
     """The packed layout of rollout rows `idx` (any rows; rows sharing a prompt should be adjacent)."""
     pids, pmask = rollout.prompt_ids[idx], rollout.prompt_mask[idx].bool()  # [B, Tp] left-padded
@@ -139,39 +175,54 @@ def pack_rows(rollout: Rollout, idx: torch.Tensor) -> PackedLayout:
     flat_prompt[prompt_valid.reshape(-1)] = torch.arange(n_prompt, device=dev)
     flat_comp = torch.zeros(B * tc, dtype=torch.long, device=dev)
     flat_comp[cmask.reshape(-1)] = torch.arange(n_comp, device=dev) + n_prompt
+    flat_comp = flat_comp.view(B, tc)
     ids = torch.cat([pids[first].gather(1, src)[prompt_valid], cids[cmask]])  # [T]
     positions = torch.cat([cols_p[None].expand(U, tp)[prompt_valid], (plen[row_unit][:, None] + cols[None])[cmask]])
-    key_view = torch.cat([flat_prompt.view(U, tp)[row_unit], flat_comp.view(B, tc)], dim=1)  # [B, tp + tc]
-    own = torch.ones(tc, tc, dtype=torch.bool, device=dev).tril()  # [tc, tc]
-    key_mask = torch.cat([prompt_valid[row_unit][:, None, :].expand(B, tc, tp), own.expand(B, tc, tc)], dim=-1)
-    view_slots = torch.cat([prompt_valid.reshape(-1), cmask.reshape(-1)]).nonzero().squeeze(1)  # [T]
+    # each flat token's slot in cat(prompt view, segment views): prompts keep their slots; a completion token
+    # (row, t) goes to its segment's block at (the row's place in the segment) * width + t
+    out_index = torch.empty(n_prompt + n_comp, dtype=torch.long, device=dev)
+    out_index[:n_prompt] = prompt_valid.reshape(-1).nonzero().squeeze(1)
+    segments, offset = [], U * tp
+    for rows in _segments(clen.tolist(), tp):
+        n, w = len(rows), max(int(clen[rows].max()), 1)
+        r = torch.tensor(rows, dtype=torch.long, device=dev)
+        own = torch.ones(w, w, dtype=torch.bool, device=dev).tril()  # [w, w]
+        key_mask = torch.cat([prompt_valid[row_unit[r]][:, None, :].expand(n, w, tp), own.expand(n, w, w)], dim=-1)
+        key_view = torch.cat([flat_prompt.view(U, tp)[row_unit[r]], flat_comp[r, :w]], dim=1)  # [n, tp + w]
+        segments.append(Segment(flat_comp[r, :w].reshape(-1), key_view.reshape(-1), key_mask[:, None], n, w))
+        seg_valid = cmask[r, :w]  # [n, w]
+        slots = offset + torch.arange(n * w, device=dev).view(n, w)
+        out_index[flat_comp[r, :w][seg_valid]] = slots[seg_valid]
+        offset += n * w
     # (row, t) is predicted by token t-1 of the row, or by the prompt's last token for t = 0; every row
     # predicts at least its t = 0 (zeroed when empty) so that an all-empty micro-batch still has a graph.
     last_prompt = plen.cumsum(0) - 1  # [U] flat index of each prompt's last token
     pred_rows, pred_cols = (cols[None] < clen.clamp(min=1)[:, None]).nonzero(as_tuple=True)  # [M]
-    prev = flat_comp.view(B, tc)[pred_rows, (pred_cols - 1).clamp(min=0)]
+    prev = flat_comp[pred_rows, (pred_cols - 1).clamp(min=0)]
     predictors = torch.where(pred_cols == 0, last_prompt[row_unit[pred_rows]], prev)  # [M]
-    return PackedLayout(ids, positions, flat_prompt, flat_comp, key_view.reshape(-1), key_mask[:, None],
-                        view_slots, predictors, pred_rows, pred_cols, cids[pred_rows, pred_cols], cmask, U, tp, tc)
+    return PackedLayout(ids, positions, flat_prompt, segments, out_index, predictors, pred_rows, pred_cols,
+                        cids[pred_rows, pred_cols], cmask, U, tp, tc)
 
 
 def _attention(qkv: torch.Tensor, lay: PackedLayout, n_heads: int, n_kv: int, scale: float) -> torch.Tensor:
     """Prompt tokens attend causally within their prompt; completion tokens to their prompt and their own
     earlier tokens. qkv: [T, Hq + 2 Hkv, D] flat (q, k rotated) -> [T, Hq * D] flat."""
-    U, tp, tc, (T, _, D) = lay.num_units, lay.prompt_width, lay.width, qkv.shape
-    B, gqa = lay.valid.shape[0], n_kv != n_heads
+    U, tp, (T, _, D) = lay.num_units, lay.prompt_width, qkv.shape
+    gqa = n_kv != n_heads
     heads = lambda x: x.transpose(1, 2)  # noqa: E731  [rows, cols, H, D] -> [rows, H, cols, D]
     pv = qkv.index_select(0, lay.prompt_view).view(U, tp, -1, D)  # [U, tp, Hq + 2Hkv, D]
     qp, kp, vp = heads(pv[:, :, :n_heads]), heads(pv[:, :, n_heads:-n_kv]), heads(pv[:, :, -n_kv:])
     op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=gqa)  # [U, Hq, tp, D]
     flat = lambda o: o.transpose(1, 2).reshape(-1, n_heads * D)  # noqa: E731  [rows, H, cols, D] -> [rows*cols, H*D]
-    if B == 0:  # documents only (pretraining)
-        return flat(op).index_select(0, lay.out_index)  # [T, Hq * D]
-    qc = heads(qkv[:, :n_heads].index_select(0, lay.query_view).view(B, tc, n_heads, D))  # [B, Hq, tc, D]
-    kv = qkv[:, n_heads:].index_select(0, lay.key_view).view(B, tp + tc, 2 * n_kv, D)  # [B, tp + tc, 2Hkv, D]
-    oc = F.scaled_dot_product_attention(qc, heads(kv[:, :, :n_kv]), heads(kv[:, :, n_kv:]), attn_mask=lay.key_mask,
-                                        scale=scale, enable_gqa=gqa)  # [B, Hq, tc, D]
-    return torch.cat([flat(op), flat(oc)]).index_select(0, lay.out_index)  # [T, Hq * D]
+    outs = [flat(op)]
+    for seg in lay.segments:
+        n, w = seg.rows, seg.width
+        qc = heads(qkv[:, :n_heads].index_select(0, seg.query_view).view(n, w, n_heads, D))  # [n, Hq, w, D]
+        kv = qkv[:, n_heads:].index_select(0, seg.key_view).view(n, tp + w, 2 * n_kv, D)  # [n, tp + w, 2Hkv, D]
+        oc = F.scaled_dot_product_attention(qc, heads(kv[:, :, :n_kv]), heads(kv[:, :, n_kv:]),
+                                            attn_mask=seg.key_mask, scale=scale, enable_gqa=gqa)  # [n, Hq, w, D]
+        outs.append(flat(oc))
+    return (outs[0] if len(outs) == 1 else torch.cat(outs)).index_select(0, lay.out_index)  # [T, Hq * D]
 
 
 def _qkv_weights(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -229,12 +280,47 @@ def packed_token_logprobs(
     return logprobs, entropy
 
 
-def pack_documents(docs: list[list[int]], device: torch.device | str = "cpu") -> PackedLayout:
-    """Stage 0's batch of documents as a packed layout: each document a causal "prompt" with no completions;
-    the predictors are every token but a document's last, the targets the token after each."""
+def _common_prefix(docs: list[list[int]]) -> int:
+    """Length of the longest token prefix every document starts with."""
+    first, n = docs[0], min(map(len, docs))
+    for i in range(n):
+        t = first[i]
+        if any(d[i] != t for d in docs):
+            return i
+    return n
+
+
+def pack_documents(docs: list[list[int]], device: torch.device | str = "cpu", share_prefix: bool = True) -> PackedLayout:
+    """Stage 0's batch of documents as a packed layout: every token but a document's last predicts the next.
+
+    With `share_prefix` and a common prefix of at least 2 tokens (zero-tiny's documents all start with the
+    template's 27-token system text) the prefix runs once, as a GRPO prompt does for its G completions:
+    the remainders are the "completions", attending to the prefix's keys and their own; a prediction inside
+    the prefix is made once per document from the one hidden state. The prefix is cut one token short of the shortest
+    document so that every remainder predicts something. Otherwise each document is a causal "prompt"
+    with no completions."""
     lens = torch.tensor([len(d) for d in docs], device=device)  # [U]
     if not docs or bool((lens == 0).any()):
         raise R1KitError("pretrain: a batch holds an empty document")
+    shared = min(_common_prefix(docs), int(lens.min()) - 1) if share_prefix and len(docs) > 1 else 0
+    if shared >= 2:
+        B, L = len(docs), shared
+        rest = lens - L  # [B] >= 1
+        prompt = torch.tensor(docs[0][:L], dtype=torch.long, device=device)
+        comp = torch.zeros(B, int(rest.max()), dtype=torch.long, device=device)
+        cmask = torch.arange(comp.shape[1], device=device)[None] < rest[:, None]  # [B, Tc]
+        comp[cmask] = torch.tensor([t for d in docs for t in d[L:]], dtype=torch.long, device=device)
+        ro = Rollout(prompt.expand(B, L), torch.ones(B, L, dtype=torch.long, device=device), comp, cmask.float(),
+                     torch.zeros(cmask.shape, device=device), torch.zeros(B, dtype=torch.bool, device=device), B)
+        lay = pack_rows(ro, torch.arange(B, device=device))
+        # a remainder's last token (each document's end) predicts nothing: predictions are of completion
+        # tokens (t >= 0, made by the token before), so pack_rows already has exactly those
+        # prefix token i predicts prefix token i + 1 once per document: the same hidden state gathered B times
+        # (the LM head on B copies costs little), so the loss and its gradient are the padded batch's sums
+        inner = torch.arange(L - 1, device=device).repeat(B)
+        lay.predictors = torch.cat([inner, lay.predictors])
+        lay.targets = torch.cat([prompt[1:].repeat(B), lay.targets])
+        return lay
     U, tp = len(docs), int(lens.max())
     valid = torch.arange(tp, device=device)[None] < lens[:, None]  # [U, tp]
     ids = torch.tensor([t for d in docs for t in d], dtype=torch.long, device=device)  # [T]
@@ -245,15 +331,17 @@ def pack_documents(docs: list[list[int]], device: torch.device | str = "cpu") ->
     is_last[lens.cumsum(0) - 1] = True
     predictors = (~is_last).nonzero().squeeze(1)  # [M]
     none = torch.zeros(0, dtype=torch.long, device=device)
-    return PackedLayout(ids, positions, view, none, none, torch.zeros(0, 1, 0, tp, dtype=torch.bool, device=device),
-                        valid.reshape(-1).nonzero().squeeze(1), predictors, none, none, ids[predictors + 1],
-                        torch.zeros(0, 0, dtype=torch.bool, device=device), U, tp, 0)
+    return PackedLayout(ids, positions, view, [], valid.reshape(-1).nonzero().squeeze(1), predictors, none, none,
+                        ids[predictors + 1], torch.zeros(0, 0, dtype=torch.bool, device=device), U, tp, 0)
 
 
-def packed_batch_loss(model: nn.Module, batch: list[list[int]], per: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def packed_batch_loss(model: nn.Module, batch: list[list[int]], per: float | None = None,
+                      share_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """`r1kit.trainers.pretrain.batch_loss` without padding: (objective, per-token mean loss) of next-token
-    prediction on a batch of documents, the summed loss over `per` tokens (or the batch's own token count)."""
-    lay = pack_documents(batch, next(model.parameters()).device)
+    prediction on a batch of documents, the summed loss over `per` tokens (or the batch's own token count).
+    A prefix shared by every document is computed once (`pack_documents`); its predictions count once per
+    document, so the objective is the same sum over the same predictions."""
+    lay = pack_documents(batch, next(model.parameters()).device, share_prefix)
     x = packed_hidden(model, lay)[lay.predictors]  # [M, H]
     logits = model.get_output_embeddings()(model.model.norm(x)).float()  # [M, V]
     total = F.cross_entropy(logits, lay.targets, reduction="sum")
