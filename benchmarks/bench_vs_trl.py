@@ -19,8 +19,10 @@ An r1kit step is the wall time of `GRPOTrainer.step()`.
 Writes benchmarks/results/vs_trl[_NAME].json and .md. `--variants` lists the r1kit trainers that run in every
 round, side by side with TRL: `padded` (the default update), `packed` (grpo.packed_update: no padding, each
 prompt once per group, LM head at completion tokens only), `*_bf16` (model.mixed_precision=bf16: bf16
-autocast with fp32 master weights; TRL stays fp32). `--beta` > 0 gives every trainer a frozen reference
-copy of the initial weights.
+autocast with fp32 master weights; TRL stays fp32), `packed_bf16s` (packed_bf16 whose engine samples in bf16
+too: engine.dtype=bf16, bf16 copies of the fp32 weights; the old logprobs are recomputed, free with one update
+per batch since they are the update forward's own, and grpo.tis_cap=2.0 corrects the sampler's).
+`--beta` > 0 gives every trainer a frozen reference copy of the initial weights.
 `packed_skip` adds grpo.skip_zero_advantage (rows with advantage exactly 0 skip the update: exact, but with
 this random-init model every reward is 0, so it skips the whole update: not a like-for-like comparison).
 The r1kit phase split (generate, score, logprobs, update) and the update phase's model FLOP utilisation
@@ -78,7 +80,7 @@ PROMPTS, GROUP, LR, SEED = 4, 8, 1e-4, 0
 PHASES = ("generate", "score", "logprobs", "update")
 # r1kit trainer variants -> their names in the results
 VARIANTS = {"padded": "r1kit", "packed": "r1kit_packed", "padded_bf16": "r1kit_bf16", "packed_bf16": "r1kit_packed_bf16",
-            "packed_skip": "r1kit_packed_skip"}
+            "packed_bf16s": "r1kit_packed_bf16s", "packed_skip": "r1kit_packed_skip"}
 REWARD_WEIGHTS = {"accuracy": 1.0, "format": 0.1}  # r1kit's defaults, given to both trainers
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -158,7 +160,9 @@ class R1kitRun:
     """One r1kit GRPOTrainer on its own copy of the saved weights, with its step times and phase split."""
 
     def __init__(self, tmp: Path, problems: list[Problem], ns, variant: str, total: int):
-        packed, bf16, skip = variant.startswith("packed"), variant.endswith("_bf16"), variant.endswith("_skip")
+        packed, bf16, skip = variant.startswith("packed"), "_bf16" in variant, variant.endswith("_skip")
+        sampler = ["engine.dtype=bf16", "grpo.recompute_old_logprobs=true", "grpo.tis_cap=2.0"] \
+            if variant.endswith("_bf16s") else []  # a bf16 sampler too
         cfg = load_config(RunConfig, None, [
             f"grpo.prompts_per_step={PROMPTS}", f"grpo.group_size={GROUP}", f"grpo.max_new_tokens={ns.max_new}",
             f"grpo.beta={ns.beta}", f"grpo.packed_update={str(packed).lower()}", "grpo.temperature=1.0",
@@ -166,7 +170,7 @@ class R1kitRun:
             "grpo.micro_batch_size=32", "grpo.grad_clip=1.0", "grpo.weight_decay=0.0", "model.dtype=float32",
             f"grpo.steps={total}", "log.progress=false", "log.tensorboard=false", "log.save_every=0",
             "log.sample_every=0", "eval.every=0", f"output_dir={tmp / 'r1kit'}", f"name=vs_trl_{variant}",
-            f"seed={SEED}"])
+            f"seed={SEED}", *sampler])
         cfg.grpo.reward_weights = dict(REWARD_WEIGHTS)
         model, tok = load_model(tmp / "init")
         ref = load_model(tmp / "init")[0].eval() if ns.beta > 0 else None
@@ -235,7 +239,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     load_before = os.getloadavg()
     peaks = {"float32": matmul_peak_gflops(torch.float32)}
-    if any(v.endswith("_bf16") for v in variants):
+    if any("_bf16" in v for v in variants):
         peaks["bfloat16"] = matmul_peak_gflops(torch.bfloat16, seconds=2.0)
         if peaks["bfloat16"] < peaks["float32"]:
             print(f"bench_vs_trl: warning: bf16 matmuls run at {peaks['bfloat16']:.3g} GFLOP/s here against "

@@ -304,6 +304,10 @@ class EngineConfig:
     backend: str = "local"  # local (r1kit's own engine) | vllm (in-process vllm.LLM, the `vllm` extra)
     max_num_seqs: int = 256  # running sample slots (continuous batching)
     cache_mb: float = 256.0  # prefix-cache budget in MiB
+    # the dtype the engine samples in: auto (the model's own) | bf16 | fp32. The local engine's fast path
+    # samples with cached copies of the weights in it (bf16 sampling beside fp32 master weights); GRPO
+    # with a sampler dtype other than the training precision needs grpo.recompute_old_logprobs=true
+    dtype: str = "auto"
 
 
 @dataclass

@@ -30,6 +30,12 @@ if "test_odd_only" not in REWARD_FUNCS:
         """Constant (0) for prompts with an even answer; varies with the completion for odd ones."""
         return 0.0 if int(problem.answer) % 2 == 0 else float(len(completion) % 5)
 
+if "test_length_mod3" not in REWARD_FUNCS:
+    @register_reward("test_length_mod3")
+    def length_mod3(completion: str, problem) -> float:
+        """Spread within a group even on an untrained model (completions of varied lengths)."""
+        return len(completion) % 3 / 2
+
 if "test_constant" not in REWARD_FUNCS:
     @register_reward("test_constant")
     def constant(completion: str, problem) -> float:
@@ -278,6 +284,68 @@ def test_recompute_old_logprobs_is_ratio_one_on_policy(tmp_path, pair, temperatu
     assert record["logprob_mismatch_mean"] < 1e-5 and record["logprob_mismatch_max"] < 1e-4
     assert record["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and abs(record["approx_kl"]) < 1e-6
     assert record["clip_frac"] == 0.0
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("tis_cap", [None, 1.0])
+def test_fused_old_logprobs_equal_the_separate_recomputation_in_float64(tmp_path, pair, packed, tis_cap):
+    """mu = 1: pi_old is the update forward's own logprobs, detached, and no separate forward runs. In float64
+    the step's weights, metrics and old logprobs equal those of the separate no-grad recomputation. The engine
+    samples in bf16 (engine.dtype), so the sampler's logprobs really differ from pi_old: the mismatch metric
+    and TIS (cap 1 cuts about half of the tokens) see the fused logprobs, as they saw the recomputed ones."""
+    model, tok = pair
+    overrides = ["engine.dtype=bf16", "grpo.recompute_old_logprobs=true", "grpo.micro_batch_size=5", "grpo.lr=1e-3",
+                 "grpo.max_new_tokens=12", "grpo.reward_weights={test_length_mod3: 1.0}",
+                 f"grpo.packed_update={str(packed).lower()}"] + ([f"grpo.tis_cap={tis_cap}"] if tis_cap else [])
+    out = {}
+    for fused in (True, False):
+        cfg = _cfg(tmp_path, *overrides)
+        tr = GRPOTrainer(cfg, Policy(copy.deepcopy(model).double(), tok), _task(), cfg.run_dir)
+        assert tr.fuse_old_logprobs and tr.engine.dtype == torch.bfloat16
+        if fused:
+            tr._forward = None  # the fused step runs no logprob forward outside the update (beta = 0: no reference)
+        else:
+            tr.fuse_old_logprobs = False
+        record, batch = tr.step()
+        out[fused] = record, batch, {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    (ra, ba, wa), (rb, bb, wb) = out[True], out[False]
+    assert torch.equal(ba.rollout.completion_ids, bb.rollout.completion_ids)  # the same samples
+    assert ba.advantages.abs().max() > 0 and ra["logprob_mismatch_mean"] > 1e-4  # something to learn; bf16 sampler
+    valid = ba.rollout.completion_mask > 0
+    assert (ba.old_logprobs - bb.old_logprobs)[valid].abs().max() <= 1e-12
+    keys = ["loss", "pg_loss", "grad_norm", "ratio_mean", "approx_kl", "logprob_mismatch_mean", "logprob_mismatch_max"]
+    if tis_cap:
+        keys.append("tis_capped_frac")
+        assert 0.2 < ra["tis_capped_frac"] < 0.8
+    for key in keys:
+        assert abs(ra[key] - rb[key]) <= 1e-12 * max(1.0, abs(rb[key])), key
+    start = dict(model.named_parameters())
+    assert max(float((wa[n] - start[n].double()).abs().max()) for n in wa) > 1e-4  # the step moved the weights
+    for n in wa:
+        assert (wa[n] - wb[n]).abs().max() <= 1e-12, n
+
+
+def test_old_logprobs_fuse_only_where_exact(tmp_path, pair):
+    """pi_old must exist before the update for mu > 1 (a later update's denominator), the entropy mask, and a
+    KL penalty in the reward: those keep the separate forward."""
+    on = "grpo.recompute_old_logprobs=true"
+    assert _trainer(tmp_path, pair, on).fuse_old_logprobs
+    assert _trainer(tmp_path, pair, on, "grpo.beta=0.04").fuse_old_logprobs  # KL in the loss: pi_theta vs ref
+    assert not _trainer(tmp_path, pair).fuse_old_logprobs  # the sampler's logprobs: nothing to fuse
+    for other in ("grpo.updates_per_batch=2", "grpo.entropy_top_fraction=0.5", "grpo.kl_mode=reward"):
+        assert not _trainer(tmp_path, pair, on, "grpo.beta=0.04", other).fuse_old_logprobs, other
+
+
+def test_a_sampler_dtype_other_than_training_needs_recomputed_old_logprobs(tmp_path, pair):
+    with pytest.raises(R1KitError, match=r"engine.dtype='bf16'.*grpo.recompute_old_logprobs=true"):
+        _trainer(tmp_path, pair, "engine.dtype=bf16")
+    with pytest.raises(R1KitError, match="engine.dtype='half' is unknown"):
+        _trainer(tmp_path, pair, "engine.dtype=half", "grpo.recompute_old_logprobs=true")
+    assert _trainer(tmp_path, pair, "engine.dtype=fp32").engine.dtype == torch.float32  # fp32 on both sides
+    model, tok = pair  # bf16 autocast in training and a bf16 sampler: the same precision, no recomputation needed
+    cfg = _cfg(tmp_path, "engine.dtype=bfloat16")
+    tr = GRPOTrainer(cfg, Policy(copy.deepcopy(model), tok, mixed_precision="bf16"), _task(), cfg.run_dir)
+    assert tr.engine.dtype == torch.bfloat16 and not tr.fuse_old_logprobs
 
 
 def test_entropy_mask_is_chosen_over_the_full_batch(tmp_path, pair):

@@ -1,5 +1,6 @@
 """The engine's fast backend: a pure-torch forward for Llama-family models (llama, qwen2, mistral) that
-reads the HF module's parameters in place, with pre-allocated KV caches in a shared-prefix layout.
+reads the HF module's parameters in place (or cached copies of them in another dtype, `engine.dtype`), with
+pre-allocated KV caches in a shared-prefix layout.
 `fast_path_problem` says why a model cannot use it (r1kit.engine then falls back to HF's forward).
 The interface (admit / decode / keep_rows / release) is the one r1kit.engine.local backends share.
 """
@@ -88,10 +89,11 @@ def _eps(norm: nn.Module) -> float:
     return float(eps if eps is not None else getattr(norm, "eps", 1e-6))
 
 
-def _layer_tensors(layer: nn.Module) -> SimpleNamespace:
-    """References (not copies) to a layer's parameters, looked up once per generate(): nn.Module
-    attribute lookups cost ~1 us each, and the decode loop would do ~40 per layer and step."""
-    w = SimpleNamespace(**{name: operator.attrgetter(path)(layer) for name, path in _LAYER_TENSORS.items()})
+def _layer_tensors(layer: nn.Module, weight) -> SimpleNamespace:
+    """A layer's parameters as the forward reads them, looked up once per batch: nn.Module attribute
+    lookups cost ~1 us each, and the decode loop would do ~40 per layer and step. `weight` maps a
+    parameter (or None, a missing bias) to the tensor to read: itself, or its copy in the sampling dtype."""
+    w = SimpleNamespace(**{name: weight(operator.attrgetter(path)(layer)) for name, path in _LAYER_TENSORS.items()})
     w.in_eps, w.post_eps = _eps(layer.input_layernorm), _eps(layer.post_attention_layernorm)
     return w
 
@@ -141,10 +143,30 @@ class FastLlama:
 
     Active rows are the leading `batch` rows of the generation cache; `row_prompt` [B] and `row_g` [B]
     place each one in the [prompt, G] grid used for the shared-prefix matmul.
+
+    dtype (`engine.dtype`; None: the model's own): the dtype the forward computes in. When it differs from
+    the model's (bf16 sampling beside fp32 master weights: on a CPU with native bf16 a [32, 256] x [256, 768]
+    linear takes 100 against 160 us on 1 thread, 60 against 165 on 2), the forward reads a copy of each
+    parameter, cast once and cached; the copy is made again when the parameter changed since (its version
+    counter, which an in-place optimizer step bumps, or its storage), checked once per batch, so the next
+    batch after an optimizer step samples the new weights with no call. The RoPE tables and activations
+    are then in that dtype, and so are the KV caches (`kv_dtype`) except for bf16/fp16 on a CPU: there the
+    caches and the decode attention stay float32 (K and V are stored exactly, upcast from the projections),
+    because the batched [1, D] x [D, t] products of decode attention over the generated tokens run 3-4x
+    slower in bf16 than in float32 there (181 against 52 us for 32 rows x 4 heads, t = 40, 1 thread,
+    AVX512-BF16): bf16 caches made a whole generate() 1.09x faster than fp32, float32 ones 1.29x. The
+    sampler turns the logits into float32 (r1kit.engine.sampling), so the logprobs are
+    log_softmax(logits / T) in float32 of the low-precision logits.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None):
         self.model, self.config = model, model.config
+        own = model.get_input_embeddings().weight.dtype
+        self.dtype = dtype if dtype is not None else own
+        self._cast = self.dtype != own  # False: every parameter is read in place, whatever its dtype
+        self._copies: dict[int, tuple] = {}  # id(param) -> (param, version, data_ptr, copy in self.dtype)
+        on_cpu = model.get_input_embeddings().weight.device.type == "cpu"
+        self.kv_dtype = torch.float32 if self._cast and on_cpu and self.dtype.itemsize < 4 else self.dtype
         attn = model.model.layers[0].self_attn
         self.head_dim = attn.head_dim
         self.n_heads = attn.q_proj.out_features // self.head_dim
@@ -190,11 +212,31 @@ class FastLlama:
         self._cos, self._sin, self._rope_len = cos.to(dtype), sin.to(dtype), n
 
     def _bind_weights(self) -> None:
-        """Look the parameters up once per batch (they are read in place: optimizer steps are seen)."""
-        m = self.model
-        self.layers = [_layer_tensors(layer) for layer in m.model.layers[: self.config.num_hidden_layers]]
-        self.embed, self.final_norm, head = m.get_input_embeddings().weight, m.model.norm, m.get_output_embeddings()
-        self.head_w, self.head_b, self.final_eps = head.weight, head.bias, _eps(self.final_norm)
+        """Look the parameters up once per batch (read in place, or through fresh copies in self.dtype:
+        either way optimizer steps are seen). Copies of parameters no longer in the model are dropped."""
+        m, copies = self.model, self._copies
+        self._copies = {}
+        weight = lambda p: self._weight(p, copies)  # noqa: E731
+        self.layers = [_layer_tensors(layer, weight) for layer in m.model.layers[: self.config.num_hidden_layers]]
+        self.embed, norm, head = weight(m.get_input_embeddings().weight), m.model.norm, m.get_output_embeddings()
+        self.final_norm_w, self.final_eps = weight(norm.weight), _eps(norm)
+        self.head_w, self.head_b = weight(head.weight), weight(head.bias)
+
+    def _weight(self, p: torch.Tensor | None, old: dict[int, tuple]) -> torch.Tensor | None:
+        """p itself when it is in self.dtype, else its copy in self.dtype: the one in `old` (the previous
+        batch's) while p's version and storage are unchanged, else a fresh cast. Tied weights share one."""
+        if p is None or not self._cast or p.dtype == self.dtype:
+            return p
+        entry = self._copies.get(id(p)) or old.get(id(p))
+        if entry is None or entry[0] is not p or entry[1] != p._version or entry[2] != p.data_ptr():
+            entry = (p, p._version, p.data_ptr(), p.detach().to(self.dtype))
+        self._copies[id(p)] = entry
+        return entry[3]
+
+    def drop_copies(self) -> None:
+        """Forget the cached low-precision copies: the next batch casts every parameter again (for weight
+        changes the version check cannot see, e.g. a write through `param.data`)."""
+        self._copies = {}
 
     def admit(self, ids: torch.Tensor, mask: torch.Tensor, counts: list[int], max_pos: int, gen_cols: int,
               past: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -207,8 +249,8 @@ class FastLlama:
         """
         if self.batch == 0:
             self._bind_weights()
-        dev, dtype = self.embed.device, self.embed.dtype
-        self._rope_table(max_pos, dev, dtype)
+        dev, dtype = self.embed.device, self.kv_dtype
+        self._rope_table(max_pos, dev, self.dtype)
         x_last, kv, valid = self._prefill(ids, mask, past)
         P, T = valid.shape
         bias = torch.zeros(P, T, device=dev, dtype=dtype).masked_fill_(~valid, float("-inf"))
@@ -242,7 +284,7 @@ class FastLlama:
         if past is not None:
             allowed = torch.cat((past[1][:, None, None, :].expand(P, 1, T, C), allowed), dim=-1)  # [P,1,T,C+T]
             valid = torch.cat((past[1], valid), dim=1)
-        kv = torch.empty(len(self.layers), 2, P, self.n_kv, C + T, D, device=dev, dtype=self.embed.dtype)
+        kv = torch.empty(len(self.layers), 2, P, self.n_kv, C + T, D, device=dev, dtype=self.kv_dtype)
         if past is not None:
             kv[:, :, :, :, :C] = past[0]
         x = F.embedding(ids, self.embed)  # [P, T, H]
@@ -252,8 +294,8 @@ class FastLlama:
             k = _rotate(F.linear(h, w.wk, w.bk).view(P, T, -1, D).transpose(1, 2), cos, sin)  # [P, Hkv, T, D]
             v = F.linear(h, w.wv, w.bv).view(P, T, -1, D).transpose(1, 2)
             kv[li, 0, :, :, C:], kv[li, 1, :, :, C:] = k, v
-            if past is not None:
-                k, v = kv[li, 0], kv[li, 1]  # [P, Hkv, C+T, D]: the cached prefix, then these tokens
+            if past is not None:  # [P, Hkv, C+T, D]: the cached prefix, then these tokens (exact in q's dtype)
+                k, v = kv[li, 0].to(q.dtype), kv[li, 1].to(q.dtype)
             o = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=allowed, scale=self.scale, enable_gqa=self.n_kv != self.n_heads
             )  # [P, Hq, T, D]
@@ -301,9 +343,9 @@ class FastLlama:
             new_kv, gbias = self.gkv[:, :, :B, :, t], None  # [L, 2, B, Hkv, D]: this step's cache column
         else:
             cols = torch.arange(self.tmax + 1, device=tokens.device)
-            gbias = torch.zeros(B, self.tmax + 1, device=tokens.device, dtype=self.embed.dtype)
+            gbias = torch.zeros(B, self.tmax + 1, device=tokens.device, dtype=self.kv_dtype)
             gbias.masked_fill_(cols[None, :] > self.glen[:, None], float("-inf"))  # [B, tmax+1]
-            new_kv = torch.empty(len(self.layers), 2, B, self.n_kv, D, device=tokens.device, dtype=self.embed.dtype)
+            new_kv = torch.empty(len(self.layers), 2, B, self.n_kv, D, device=tokens.device, dtype=self.kv_dtype)
             # each row's new K/V goes to its own column: as flat (row, head, column) indices into one layer's
             # [2, N*Hkv*C, D] view, one index_copy_ per layer (an advanced-index assignment costs ~20x more)
             N, C = self.gkv.shape[2], self.gkv.shape[4]
@@ -384,10 +426,11 @@ class FastLlama:
         order: head h uses KV head h // rep), so GQA needs no copy of the cache. One softmax runs over
         [prompt keys | generated keys]; the prompt half is computed per prompt on the [P, Hkv, G*rep, .]
         grid, the generated half per row (gbias [B, Tg] masks columns a row has not filled; None when
-        every row has filled the same columns).
+        every row has filled the same columns). It computes in the caches' dtype and returns q's.
         """
         B, rep, D, Tp, Pa = self.batch, self.n_heads // self.n_kv, self.head_dim, self.pbias.shape[1], self.n_prompts
-        qg = q.view(B, self.n_kv, rep, D) * self.scale  # [B, Hkv, rep, D]
+        dtype = self.kv_dtype  # (the .to()s below return their input when it is q's dtype too)
+        qg = q.view(B, self.n_kv, rep, D).to(dtype) * self.scale  # [B, Hkv, rep, D]
         pk, pv = self.pkv[li, 0, :Pa], self.pkv[li, 1, :Pa]  # [Pa, Hkv, Tp, D], read once per prompt
         s_prompt = torch.matmul(self._to_grid(qg), pk.transpose(-1, -2))  # [Pa, Hkv, G*rep, Tp]
         s_prompt = self._from_grid(s_prompt + self.pbias[:Pa, None, None, :])  # [B, Hkv, rep, Tp]
@@ -396,9 +439,9 @@ class FastLlama:
         if gbias is not None:
             s_gen = s_gen + gbias[:, None, None, :]
         # softmax in float32 as HF's attention kernels do (a no-op for float32 models)
-        probs = torch.softmax(torch.cat((s_prompt, s_gen), dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
+        probs = torch.softmax(torch.cat((s_prompt, s_gen), dim=-1), dim=-1, dtype=torch.float32).to(dtype)
         o_prompt = self._from_grid(torch.matmul(self._to_grid(probs[..., :Tp]), pv))  # [B, Hkv, rep, D]
-        return (o_prompt + torch.matmul(probs[..., Tp:], gv)).reshape(B, self.n_heads * D)
+        return (o_prompt + torch.matmul(probs[..., Tp:], gv)).reshape(B, self.n_heads * D).to(q.dtype)
 
     def _to_grid(self, x: torch.Tensor) -> torch.Tensor:
         """Rows to the per-prompt grid: [B, Hkv, rep, X] -> [Pa, Hkv, G*rep, X] (empty cells are 0)."""
@@ -419,5 +462,5 @@ class FastLlama:
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm + lm_head (tied or not: whatever module the model uses). x: [B, H] -> [B, V]."""
-        x = _rms_norm(x, self.final_norm.weight, self.final_eps)
+        x = _rms_norm(x, self.final_norm_w, self.final_eps)
         return F.linear(x, self.head_w, self.head_b)

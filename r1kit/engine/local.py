@@ -29,14 +29,17 @@ Two backends share one interface (admit / decode / keep_rows / release):
 - `FastLlama` (r1kit/engine/fast_llama.py): a pure-torch forward for Llama-family models (llama, qwen2,
   mistral: RMSNorm, default RoPE, GQA, SiLU-gated MLP, optional biases, tied or untied lm_head) that reads
   the HF module's parameters in place (no copies: optimizer updates are seen at once), with caches in a
-  shared-prefix layout (the prompt's K/V stored and read once per group). Where Python and HF per-step
-  overhead dominate (tiny models, CPU) it is several times faster than `model.generate()`. Rows join it
-  mid-flight, and it prefills on top of cached prefix blocks.
+  shared-prefix layout (the prompt's K/V stored and read once per group). With `dtype` (`engine.dtype`)
+  other than the model's, e.g. bf16 sampling beside fp32 master weights, it reads copies cast once and
+  refreshed when a parameter changes (the next batch after an optimizer step sees it, with no call).
+  Where Python and HF per-step overhead dominate (tiny models, CPU) it is several times faster than
+  `model.generate()`. Rows join it mid-flight, and it prefills on top of cached prefix blocks.
 - `HFBackend` (r1kit/engine/hf_backend.py): the model's own forward with a `DynamicCache`, for every
   other architecture and for Llama-family configs with features the fast path lacks (rope scaling, a
   sliding window shorter than the sequence, q/k norms, ...): we fall back rather than be silently wrong
   (`Engine.fallback_reason`). It batches less cleverly: requests join only an empty batch (they wait for
-  the running one to drain), and it has no prefix cache.
+  the running one to drain), and it has no prefix cache. It computes in the model's own dtype only: a
+  `dtype` other than that is an error where this backend would run.
 
 Speed: `python benchmarks/bench_engine.py` (results in benchmarks/results/engine.json).
 """
@@ -52,6 +55,7 @@ from torch import nn
 from r1kit.engine.api import CacheStats, RequestOutput, SamplingParams
 from r1kit.engine.fast_llama import FastLlama, fast_path_problem
 from r1kit.engine.hf_backend import HFBackend
+from r1kit.engine.inputs import engine_dtype as _engine_dtype
 from r1kit.engine.inputs import max_positions as _max_positions
 from r1kit.engine.inputs import token_ids as _token_ids
 from r1kit.engine.prefix_cache import PrefixCache
@@ -87,6 +91,9 @@ class Engine:
         more than it saves; 0 compacts whenever any row finishes. (An abort compacts at the next step.)
     max_num_seqs: running samples at most (None: no limit); waiting requests join as slots free up.
     cache_mb: prefix-cache budget in MiB (0 turns it off); block_size: tokens per cached KV block.
+    dtype: `engine.dtype`, the dtype to sample in: "auto"/None (the model's own), "bf16"/"bfloat16",
+        "fp32"/"float32" or a torch dtype. Another dtype than the model's needs the fast path (FastLlama's
+        cached copies of the weights; the model's master weights are untouched).
     """
 
     def __init__(
@@ -100,8 +107,10 @@ class Engine:
         max_num_seqs: int | None = None,
         cache_mb: float = 256.0,
         block_size: int = 16,
+        dtype: str | torch.dtype | None = "auto",
     ):
-        vocab = model.get_input_embeddings().weight.shape[0]
+        emb = model.get_input_embeddings().weight
+        vocab = emb.shape[0]
         eos_token_ids = _token_ids("eos_token_ids", eos_token_ids, vocab)
         pad_token_id = _token_ids("pad_token_id", [pad_token_id], vocab)[0]
         if not 0.0 <= compact_fraction <= 1.0:
@@ -113,7 +122,12 @@ class Engine:
         self.fallback_reason = fast_path_problem(model) if fast_path is not False else "fast_path=False"
         if fast_path and self.fallback_reason:
             raise R1KitError(f"Engine: fast_path=True but this model cannot use it: {self.fallback_reason}")
-        self._fast = FastLlama(model) if self.fallback_reason is None else None
+        self.dtype = _engine_dtype(dtype, emb.dtype)  # what the sampling forward computes in
+        if self.dtype != emb.dtype and self.fallback_reason:
+            raise R1KitError(f"engine.dtype={dtype!r} samples with {self.dtype} copies of the {emb.dtype} weights, "
+                             f"which only the fast Llama-family path does, and this engine cannot use it "
+                             f"({self.fallback_reason}); set engine.dtype=auto")
+        self._fast = FastLlama(model, self.dtype) if self.fallback_reason is None else None
         self._hf = HFBackend(model)
         self.max_positions = _max_positions(model.config)
         self.device = model.get_input_embeddings().weight.device
@@ -213,10 +227,13 @@ class Engine:
 
     def load_weights(self, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """A no-op for the weights (the local engine reads the HF module's parameters in place); it drops
-        the prefix cache, whose K/V were computed with the old weights. (The cache also notices in-place
-        parameter updates by itself: see PrefixCache.check_weights.)"""
+        the prefix cache, whose K/V were computed with the old weights, and the fast path's copies in
+        another `dtype`. (Both also notice in-place parameter updates by themselves: see
+        PrefixCache.check_weights and FastLlama._weight.)"""
         if self.prefix_cache is not None:
             self.prefix_cache.clear()
+        if self._fast is not None:
+            self._fast.drop_copies()
 
     def cache_stats(self) -> CacheStats:
         return self.prefix_cache.stats() if self.prefix_cache is not None else CacheStats()
@@ -471,7 +488,7 @@ class Engine:
         if cache_mb == 0 or self._fast is None:
             return None
         L, n_kv, D = self._fast.kv_shape
-        per_token = L * 2 * n_kv * D * self.model.get_input_embeddings().weight.element_size()
+        per_token = L * 2 * n_kv * D * self._fast.kv_dtype.itemsize
         return PrefixCache(self.model, block_size, int(cache_mb * 2**20), per_token)
 
     def _defer_shared_misses(self, admitted: list[Request]) -> list[Request]:
@@ -514,7 +531,7 @@ class Engine:
         if all(r.cached_tokens == C for r in admitted):  # (one request, say) nothing to pad: one copy
             kv = torch.stack([torch.cat([b.kv for b in r.blocks], dim=3) for r in admitted], dim=2)
             return kv, torch.ones(len(admitted), C, dtype=torch.bool, device=emb.device)
-        kv = torch.zeros(L, 2, len(admitted), n_kv, C, D, device=emb.device, dtype=emb.dtype)
+        kv = torch.zeros(L, 2, len(admitted), n_kv, C, D, device=emb.device, dtype=self._fast.kv_dtype)
         valid = torch.zeros(len(admitted), C, dtype=torch.bool, device=emb.device)
         for i, req in enumerate(admitted):
             if req.cached_tokens:
@@ -557,7 +574,11 @@ class Engine:
     def _backend_for(self, total_len: int) -> str:
         if self._fast is None:
             return "hf"
-        return "fast" if self._fast.supports_length(total_len) is None else "hf"
+        problem = self._fast.supports_length(total_len)
+        if problem is not None and self.dtype != self.model.get_input_embeddings().weight.dtype:
+            raise R1KitError(f"Engine: {problem}, which only the HF forward can run, and it cannot sample in "
+                             f"engine.dtype {self.dtype}; set engine.dtype=auto")
+        return "fast" if problem is None else "hf"
 
     def _check_prompt(self, what: str, prompt) -> list[int]:
         try:

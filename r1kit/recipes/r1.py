@@ -301,9 +301,11 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str
 def check_stage_settings(cfg: RunConfig) -> None:
     """The settings that the stages would otherwise check only when they start, checked before the first one
     runs: a bad value for a late stage must not cost the hour of stages before it."""
+    from r1kit.engine.inputs import engine_dtype
     from r1kit.recipes.r1_gate import validate_gate
     from r1kit.recipes.sampling import kind_cycle, validate_sample_config
 
+    engine_dtype(cfg.engine.dtype, torch.float32)  # every stage samples: a bad engine.dtype fails now
     stages = set(cfg.pipeline.stages)
     for name in stages & {"cold_sft", "sft"}:
         validate_gate(stage_config(cfg, name).pipeline)
@@ -360,7 +362,7 @@ def evaluate_model(ctx: StageContext, model_dir: Path) -> dict[str, float]:
 
     cfg, e, lang = ctx.cfg, ctx.cfg.eval, ctx.cfg.pipeline.lang
     policy = Policy.from_config(cfg, model_dir, lora=False)  # a LoRA stage's adapter folder loads merged
-    tok, engine = policy.tokenizer, policy.make_engine(backend=cfg.engine.backend)
+    tok, engine = policy.tokenizer, policy.make_engine(backend=cfg.engine.backend, dtype=cfg.engine.dtype)
     common = dict(k=e.k, temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens,
                   template=cfg.task.template, seed=cfg.seed + 7919)
     problems = reasoning_task(cfg).test_problems()[: e.num_problems]

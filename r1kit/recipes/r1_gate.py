@@ -48,7 +48,7 @@ def sft_readiness(ctx, model_dir: Path) -> float:
     rng = random.Random(cfg.seed + 104729 + PIPELINE_STAGES.index(ctx.name))  # same problems for every attempt
     problems = distinct_train_problems(reasoning_task(cfg), cfg.pipeline.sft_gate_problems, rng)  # each scored once
     policy = Policy.from_config(cfg, model_dir, lora=False)
-    engine = policy.make_engine(backend=cfg.engine.backend)
+    engine = policy.make_engine(backend=cfg.engine.backend, dtype=cfg.engine.dtype)
     return evaluate_problems(engine, policy.tokenizer, problems, k=4, temperature=e.temperature, top_p=e.top_p,
                              max_new_tokens=e.max_new_tokens, template=cfg.task.template, seed=cfg.seed + 1, by=()).pass1
 

@@ -184,7 +184,7 @@ def sample_to_files(out_dir: Path, model_dir: Path, problems: list[Problem], gen
         return json.loads(stats_path.read_text())
     t0 = time.time()
     policy = Policy.from_config(cfg, model_dir, lora=False)
-    tok, engine = policy.tokenizer, policy.make_engine(backend=cfg.engine.backend)
+    tok, engine = policy.tokenizer, policy.make_engine(backend=cfg.engine.backend, dtype=cfg.engine.dtype)
     records, stats = rejection_sample(engine, tok, problems, cfg.sample, lang=cfg.pipeline.lang,
                                       template=cfg.task.template, seed=seed, general=general)
     if stats["kept"] == 0:

@@ -148,7 +148,7 @@ def readiness_check(cfg: RunConfig, tokenizer, task):
 
     def check(policy: Policy) -> float:
         policy.module.eval()
-        engine = policy.make_engine(backend=cfg.engine.backend)
+        engine = policy.make_engine(backend=cfg.engine.backend, dtype=cfg.engine.dtype)
         return evaluate_problems(engine, tokenizer, problems, k=4, temperature=g.temperature, top_p=g.top_p,
                                  max_new_tokens=g.max_new_tokens, template=cfg.task.template, seed=cfg.seed + 1,
                                  by=()).pass1

@@ -27,9 +27,11 @@ metrics are computed over the global batch, gradients summed over ranks; rank 0 
 
 Departures from the papers: the old-policy logprobs are the sampler's own (the engine returns
 log softmax(logits / T) exactly as the trainer computes it), so on-policy training needs no extra
-forward pass; set `grpo.recompute_old_logprobs` when sampler and trainer differ (then `grpo.tis_cap`
-enables truncated importance sampling). The overlong reward measures length in sampled tokens, which
-the trainer attaches to each row's copy of its problem (see r1kit/rewards/shaping.py).
+forward pass; set `grpo.recompute_old_logprobs` when sampler and trainer differ (e.g. `engine.dtype=bf16`
+beside fp32 training; then `grpo.tis_cap` enables truncated importance sampling). With one update per batch
+(mu = 1) the recomputation costs no extra forward: pi_old IS the policy at that update, so its logprobs are
+the update forward's own, detached (`GRPOTrainer.fuse_old_logprobs`). The overlong reward measures length
+in sampled tokens, which the trainer attaches to each row's copy of its problem (see r1kit/rewards/shaping.py).
 """
 from __future__ import annotations
 
@@ -56,8 +58,9 @@ from r1kit.algorithms import (
 from r1kit.checkpoint import latest_checkpoint, load_trainer_state, restore_rng, rng_state, save_checkpoint
 from r1kit.config import GRPO_PRESETS, GRPOConfig, RunConfig, to_dict
 from r1kit.engine import GenerationEngine
+from r1kit.engine.inputs import engine_dtype
 from r1kit.logger import MetricsLogger, NullLogger, plot_curves
-from r1kit.policy import Policy
+from r1kit.policy import MIXED_PRECISION, Policy
 from r1kit.progress import progress_bar
 from r1kit.rewards import score_completions
 from r1kit.rewards.functions import has_reflection
@@ -170,7 +173,15 @@ class GRPOTrainer:
             policy.keep_reference(ref_model)
         self.run_dir = Path(run_dir)
         self.overlong_buffer = g.overlong_buffer if g.overlong_buffer is not None else default_overlong_buffer(g.max_new_tokens)
-        self.engine = engine if engine is not None else policy.make_engine(backend=cfg.engine.backend)
+        self._check_sampler_precision(cfg, policy)
+        self.engine = engine if engine is not None else policy.make_engine(backend=cfg.engine.backend,
+                                                                           dtype=cfg.engine.dtype)
+        # pi_old = the update forward's own logprobs, detached (no separate no-grad forward): exact when the
+        # only update's forward is the old policy's, i.e. mu = 1, and nothing needs pi_old (or its entropy)
+        # before the update: no entropy mask, no KL penalty in the reward. (Exact up to dropout, which the
+        # update's forward applies and the separate, eval-mode forward does not; r1kit's models have none.)
+        self.fuse_old_logprobs = (g.recompute_old_logprobs and g.updates_per_batch == 1
+                                  and g.entropy_top_fraction is None and g.beta * KL_MODES[g.kl_mode][1] == 0)
         dist.share(g.prompts_per_step, "grpo.prompts_per_step")  # under torchrun: whole groups per rank, or an error
         dist.prepare(policy, cfg.dist.strategy)  # DDP / FSDP2 when on several ranks; before the optimizer
         self.optimizer = policy.make_optimizer(g.lr, g.weight_decay, betas=(0.9, 0.99))
@@ -180,6 +191,20 @@ class GRPOTrainer:
         self.py_rng = random.Random(cfg.seed)
         self.generator = policy.generator(cfg.seed)
         self.step_idx = 0
+
+    @staticmethod
+    def _check_sampler_precision(cfg: RunConfig, policy: Policy) -> None:
+        """An explicit `engine.dtype` other than the training precision (bf16 autocast under
+        model.mixed_precision=bf16, else the weights' dtype) samples from another distribution than the
+        trainer's: the sampler's logprobs cannot be the ratio's denominator, so pi_old must be recomputed.
+        ("auto", the model's own dtype, keeps today's behaviour under mixed precision.)"""
+        sampler = engine_dtype(cfg.engine.dtype, policy.dtype)  # a bad value is an error naming engine.dtype
+        trainer = MIXED_PRECISION[policy.mixed_precision] or policy.dtype
+        if cfg.engine.dtype != "auto" and sampler != trainer and not cfg.grpo.recompute_old_logprobs:
+            raise R1KitError(f"engine.dtype={cfg.engine.dtype!r} samples in {sampler}, but training computes in "
+                             f"{trainer} (model.mixed_precision={policy.mixed_precision!r}): the sampler's logprobs "
+                             f"would be the ratio's denominator; set grpo.recompute_old_logprobs=true (free with "
+                             f"grpo.updates_per_batch=1) or engine.dtype=auto")
 
     # ---- the loop ------------------------------------------------------------------------------
     def train(self, resume: bool = False, initial_metrics: dict[str, float] | None = None) -> list[dict[str, Any]]:
@@ -291,8 +316,13 @@ class GRPOTrainer:
 
         pi_old is the sampler's logprobs unless `recompute_old_logprobs` (then the sampler's feed the
         mismatch metric and TIS); one forward of the policy serves the recomputation and the entropy.
+        With `fuse_old_logprobs` no forward runs here: the result is a copy of the sampler's logprobs that
+        `update` overwrites, micro-batch by micro-batch, with its forward's own logprobs, detached (rows it
+        does not train, with grpo.skip_zero_advantage or a skipped update, keep the sampler's).
         """
         g = self.cfg.grpo
+        if self.fuse_old_logprobs:
+            return rollout.logprobs.clone(), None
         if not g.recompute_old_logprobs and g.entropy_top_fraction is None:
             return rollout.logprobs, None
         logprobs, entropy = self._forward(self.model, rollout, with_entropy=g.entropy_top_fraction is not None)
@@ -354,8 +384,12 @@ class GRPOTrainer:
                                                                 packed=g.packed_update, with_entropy=True,
                                                                 entropy_grad=g.entropy_coef != 0)
                 part = lambda x: None if x is None else x[idx, :tc]  # noqa: E731  [B, tc] slice of an [N, Tc]
+                old = part(batch.old_logprobs)  # [B, tc]
+                if self.fuse_old_logprobs:  # mu = 1: pi_old is this very forward (the same numbers a separate
+                    old = logprobs.detach()  # no-grad forward gives), so TIS and the mismatch metric use it too
+                    batch.old_logprobs[idx, :tc] = old
                 loss, m = policy_objective(
-                    logprobs, part(batch.old_logprobs), batch.advantages[idx], part(batch.loss_mask),
+                    logprobs, old, batch.advantages[idx], part(batch.loss_mask),
                     ref_logprobs=part(batch.ref_logprobs), sampler_logprobs=part(batch.sampler_logprobs),
                     loss_type=g.loss_type, agg_mode=g.agg_mode, clip_low=g.clip_low, clip_high=g.clip_high,
                     clip_ratio_c=g.clip_ratio_c, beta=g.beta * KL_MODES[g.kl_mode][0], kl_estimator=g.kl_estimator,

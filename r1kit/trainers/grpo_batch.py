@@ -65,6 +65,7 @@ class StepBatch:
     rewards: torch.Tensor  # [N] what the advantages were computed from: scores.total minus any KL penalty
     advantages: torch.Tensor  # [N]
     old_logprobs: torch.Tensor  # [N, Tc] the ratio's denominator: sampler's, or the trainer's recomputation
+    # (GRPOTrainer.fuse_old_logprobs: filled in by the update, from its own forward)
     loss_mask: torch.Tensor  # [N, Tc] float: completion mask minus overlong rows / low-entropy tokens
     ref_logprobs: torch.Tensor | None = None  # [N, Tc], None when beta == 0
     sampler_logprobs: torch.Tensor | None = None  # [N, Tc] the engine's, only when old ones were recomputed
