@@ -273,7 +273,7 @@ def test_what_vllm_cannot_run_stops_with_the_model_and_the_reason(pair):
         make_engine(alien, tok, backend="vllm")
     with pytest.raises(R1KitError, match=r"vLLM cannot load model .*engine\.backend=local"):
         make_engine(model, tok, backend="vllm", cache_mb=10**9)  # a KV cache larger than the machine
-    with pytest.raises(R1KitError, match="max_tokens must be an int >= 1"):
+    with pytest.raises(R1KitError, match="VLLMEngine.generate: max_new_tokens must be an int >= 1"):
         _engine(model, tok).generate([[1, 2]], max_new_tokens=0)
 
 

