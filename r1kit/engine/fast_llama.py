@@ -62,7 +62,7 @@ def fast_path_problem(model: nn.Module) -> str | None:
     return None
 
 
-def _sliding_window(config) -> int | None:
+def sliding_window(config) -> int | None:
     """The attention window that applies to some layer, or None if every layer attends fully."""
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
@@ -172,7 +172,7 @@ class FastLlama:
         self.n_heads = attn.q_proj.out_features // self.head_dim
         self.n_kv = attn.k_proj.out_features // self.head_dim
         self.scale = getattr(attn, "scaling", self.head_dim**-0.5)
-        self.window = _sliding_window(self.config)
+        self.window = sliding_window(self.config)
         self._rope_len = 0
         self.batch = 0
         self.pkv = self.gkv = None

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from r1kit.engine.fast_llama import fast_path_problem
+from r1kit.engine.fast_llama import fast_path_problem, sliding_window
 from r1kit.types import R1KitError, Rollout
 
 __all__ = ["PackedLayout", "completion_logprobs", "pack_documents", "pack_rows", "packed_batch_loss",
@@ -66,17 +66,6 @@ def packed_problem(model: nn.Module) -> str | None:
     if model.training and float(getattr(model.config, "attention_dropout", 0.0) or 0.0) > 0:
         return f"attention_dropout={model.config.attention_dropout} while training"
     return None
-
-
-def _sliding_window(config) -> int | None:
-    """The attention window some layer uses, or None when every layer attends fully."""
-    window = getattr(config, "sliding_window", None)
-    if window is None:
-        return None
-    if getattr(config, "model_type", None) == "qwen2" and not getattr(config, "use_sliding_window", False):
-        return None
-    layer_types = getattr(config, "layer_types", None)
-    return None if layer_types is not None and "sliding_attention" not in layer_types else int(window)
 
 
 @dataclass
@@ -363,7 +352,7 @@ def completion_logprobs(
         reason = packed_problem(model)
         if reason is None:
             lay = pack_rows(rollout, idx)
-            window = _sliding_window(model.config)
+            window = sliding_window(model.config)
             if window is None or int(lay.positions.max()) < window:
                 lp, ent = packed_token_logprobs(model, lay, temperature, with_entropy, entropy_grad)
                 return lp, ent, lay.width
