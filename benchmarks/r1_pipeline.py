@@ -240,10 +240,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--out", default="runs/r1")
-    ap.add_argument("--jobs", type=int, default=1, help="seeds run at once (r1-tiny uses one thread per process)")
+    ap.add_argument("--jobs", type=int, default=1, help="seeds run at once (then threads=1 per process unless given)")
     ap.add_argument("overrides", nargs="*")
     ns = ap.parse_args()
     out = (ROOT / ns.out).resolve()
+    if ns.jobs > 1 and not any(o.startswith("threads=") for o in ns.overrides):
+        ns.overrides = ["threads=1", *ns.overrides]  # seeds side by side: one thread each, not oversubscribed
     with ThreadPoolExecutor(max_workers=max(1, ns.jobs)) as pool:
         runs = list(pool.map(lambda s: run_seed(s, out, ns.overrides), ns.seeds))
     write_results(runs, ns.seeds)
