@@ -236,6 +236,12 @@ class RewardModelConfig:
     # Synthetic pairs' rejection kinds, cycled in these proportions (r1kit.recipes.sampling.preference_records):
     # a wrong value (one digit changed), malformed output, a repeated answer.
     kind_weights: dict[str, int] = field(default_factory=lambda: {"wrong_value": 1, "malformed": 1, "repeated": 1})
+    # Pairs from the policy's own samples (pipeline stage rm): the SFT model answers `policy_prompts` general
+    # training prompts `policy_samples` times at `policy_temperature`; each distinct wrong answer is rejected
+    # against the right one (kind "policy_wrong"), added to the synthetic pairs. 0 = synthetic pairs only.
+    policy_prompts: int = 0
+    policy_samples: int = 8
+    policy_temperature: float = 1.0
     epochs: int = 2
     batch_size: int = 16
     lr: float = 1e-3

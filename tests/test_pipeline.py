@@ -168,6 +168,9 @@ def test_late_stage_settings_are_checked_before_the_first_stage(tmp_path):
     quiet = lambda s: None  # noqa: E731
     for over, match in (({"rm": {"kind_weights": {"typo": 1}}}, "rm.kind_weights"),
                         ({"rm": {"kind_weights": {"wrong_value": 0, "malformed": 0, "repeated": 0}}}, "rm.kind_weights"),
+                        ({"rm": {"policy_prompts": -1}}, "rm.policy_prompts"),
+                        ({"rm": {"policy_prompts": 8, "policy_samples": 0}}, "rm.policy_samples"),
+                        ({"rm": {"policy_prompts": 8, "policy_temperature": 0.0}}, "rm.policy_temperature"),
                         ({"sample": {"max_per_prompt": 0}}, "sample.max_per_prompt"),
                         ({"pipeline": {"sft_max_attempts": 0}}, "pipeline.sft_max_attempts"),
                         ({"pipeline": {"overrides": {"distill": {"sample": {"num_prompts": 0}}}}}, "sample.num_prompts")):
@@ -216,3 +219,29 @@ def test_gate_settings_enter_a_stage_identity_only_when_the_gate_is_on():
     assert r1.stage_identity(gated_moved, stage, {}, {}) != r1.stage_identity(gated, stage, {}, {})
     other = replace(cfg, pretrain=replace(cfg.pretrain, steps=cfg.pretrain.steps + 1))
     assert r1.stage_identity(other, stage, {}, {}) != ident
+
+
+def test_reward_model_pairs_from_the_policys_own_wrong_answers(tmp_path, base_model):
+    """rm.policy_prompts: the SFT model (here the micro base, which has never seen a general prompt, so
+    every answer is wrong) answers general training prompts; each distinct wrong answer is rejected against
+    the right one, beside the synthetic pairs, and the reward model's validation splits out that kind."""
+    from r1kit.recipes.sampling import general_completion
+    from r1kit.trainers.reward_model import read_preference_pairs
+
+    cfg = micro(tmp_path, rm={**MICRO["rm"], "init": str(base_model), "policy_prompts": 6, "policy_samples": 3})
+    rec = r1.run_stage(cfg, "rm", log=lambda s: None)
+    stats = rec["policy_pairs"]
+    assert stats["prompts"] == 6 and stats["samples"] == 18 and stats["right"] == 0 and 6 <= stats["pairs"] <= 18
+    pairs = read_preference_pairs(tmp_path / "micro" / "rm" / "prefs.jsonl")
+    own = [p for p in pairs if p.kind == "policy_wrong"]
+    assert len(pairs) == 24 + stats["pairs"] and len(own) == stats["pairs"]
+    assert len({(p.prompt, " ".join(p.rejected.split())) for p in own}) == len(own)  # distinct per prompt
+    for p in own:
+        number = p.prompt.split("Repeat ")[1].split("\n")[0]
+        assert p.chosen == general_completion(type("P", (), {"answer": number})()) and p.rejected != p.chosen
+    # the default (0) writes synthetic pairs only, with the identity stages had before the setting existed
+    plain = micro(tmp_path / "plain", rm={**MICRO["rm"], "init": str(base_model)})
+    changed = replace(plain, rm=replace(plain.rm, policy_samples=5, policy_temperature=0.7))
+    stage = r1.STAGES["rm"]
+    assert r1.stage_identity(plain, stage, {}, {}) == r1.stage_identity(changed, stage, {}, {})
+    assert r1.stage_identity(plain, stage, {}, {}) != r1.stage_identity(cfg, stage, {}, {})

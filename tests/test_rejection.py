@@ -12,7 +12,7 @@ from r1kit.rewards.functions import accuracy_reward
 from r1kit.rewards.language import language_consistency
 from r1kit.recipes.sampling import (
     Candidate, GeneralTask, cold_start_records, countdown_steps, filter_candidates, general_completion, hide_answer,
-    preference_records, rejection_sample, repetition_ratio, stats_markdown,
+    policy_preference_records, preference_records, rejection_sample, repetition_ratio, stats_markdown,
 )
 from r1kit.tasks import make_task
 from r1kit.types import Problem, R1KitError, Rollout
@@ -158,3 +158,19 @@ def test_general_data_and_preferences():
             preference_records(train, "r1_zero", random.Random(0), bad)
     hidden = hide_answer(train[0])
     assert accuracy_reward(general_completion(train[0]), hidden) == 0.0 and hidden.meta["reference"] == train[0].answer
+
+
+def test_policy_pairs_reject_each_distinct_wrong_answer_against_the_right_one():
+    p, q = GeneralTask(num_test=5).train_problems(2, random.Random(1))
+    wrong = f" <think></think> <answer> {int(p.answer) + 1} </answer>"
+    cands = [Candidate(p, general_completion(p), 8, False), Candidate(p, wrong, 8, False),
+             Candidate(p, wrong.replace(" <answer>", "  <answer>"), 8, False),  # the same words: one pair
+             Candidate(q, wrong, 8, False),  # the same text on another prompt: its own pair
+             Candidate(q, " <answer> " + q.answer, 3, True)]  # malformed and truncated: wrong
+    recs, stats = policy_preference_records(cands, "r1_zero")
+    assert stats == {"samples": 5, "right": 1, "pairs": 3}
+    assert [(r["rejected"], r["kind"]) for r in recs] == [(wrong, "policy_wrong"), (wrong, "policy_wrong"),
+                                                          (" <answer> " + q.answer, "policy_wrong")]
+    for r, prob in zip(recs, (p, q, q)):
+        assert r["chosen"] == general_completion(prob) and r["prompt"].endswith(f"User: {prob.question}\nAssistant:")
+        assert accuracy_reward(r["chosen"], prob) == 1.0 and accuracy_reward(r["rejected"], prob) == 0.0

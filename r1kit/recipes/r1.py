@@ -201,7 +201,8 @@ def stage_identity(cfg: RunConfig, stage: Stage, parents: dict[str, dict], expli
 # Settings inert while their switch is off are hashed only when it is on, so stages finished before they
 # existed keep their identity across an upgrade (section -> (switch, keys)).
 DORMANT_KEYS = {"pretrain": ("gate_pass1", ("gate_pass1", "gate_problems", "gate_action", "extend_steps", "max_steps",
-                                            "restart_lr_scale"))}
+                                            "restart_lr_scale")),
+                "rm": ("policy_prompts", ("policy_prompts", "policy_samples", "policy_temperature"))}
 
 
 def _hashed_value(key: str, value: Any) -> Any:
@@ -311,8 +312,11 @@ def check_stage_settings(cfg: RunConfig) -> None:
         validate_gate(stage_config(cfg, name).pipeline)
     for name in stages & {"sample", "distill"}:
         validate_sample_config(stage_config(cfg, name).sample)
-    if "rm" in stages and not stage_config(cfg, "rm").rm.data:
-        kind_cycle(stage_config(cfg, "rm").rm.kind_weights)
+    if "rm" in stages and not (rm := stage_config(cfg, "rm").rm).data:
+        kind_cycle(rm.kind_weights)
+        if rm.policy_prompts < 0 or (rm.policy_prompts and (rm.policy_samples < 1 or not rm.policy_temperature > 0)):
+            raise R1KitError(f"rm.policy_prompts must be >= 0, and with it rm.policy_samples >= 1 and "
+                             f"rm.policy_temperature > 0; got {rm.policy_prompts}, {rm.policy_samples}, {rm.policy_temperature}")
 
 
 # ----------------------------------------------------------------------------- shared stage pieces
@@ -557,10 +561,10 @@ def stage_rm(ctx: StageContext) -> dict[str, Any]:
     and a reward model from it stayed at chance on one-digit-wrong answers, r1_observations.md §7)."""
     from r1kit.model import load_tokenizer
     from r1kit.policy import Policy
-    from r1kit.recipes.sampling import GeneralTask, preference_records
+    from r1kit.recipes.sampling import GeneralTask, policy_pairs, preference_records
     from r1kit.trainers.reward_model import build_reward_model, read_preference_pairs, train_reward_model
 
-    cfg = ctx.cfg
+    cfg, policy_stats = ctx.cfg, None
     if cfg.rm.data:
         data = Path(cfg.rm.data)
         ctx.record_input(data)
@@ -568,30 +572,26 @@ def stage_rm(ctx: StageContext) -> dict[str, Any]:
         data = ctx.dir / "prefs.jsonl"
         if not data.exists():
             rng = random.Random(ctx.seed)
-            write_jsonl(data, preference_records(GeneralTask().train_problems(cfg.rm.pairs, rng), cfg.task.template, rng,
-                                                 cfg.rm.kind_weights))
+            records = preference_records(GeneralTask().train_problems(cfg.rm.pairs, rng), cfg.task.template, rng,
+                                         cfg.rm.kind_weights)
+            if cfg.rm.policy_prompts > 0:
+                own, policy_stats = policy_pairs(ctx.model("sft"), GeneralTask().train_problems(cfg.rm.policy_prompts, rng),
+                                                 cfg, seed=ctx.seed)
+                records += own
+                rng.shuffle(records)  # the validation split (the last val_frac) gets both sources
+                atomic_write_json(ctx.dir / "policy_pairs.json", policy_stats)
+            write_jsonl(data, records)
         ctx.record_input(data)
+    if (ctx.dir / "policy_pairs.json").exists():
+        policy_stats = json.loads((ctx.dir / "policy_pairs.json").read_text())
     if not (ctx.dir / "rm.json").exists():
         init = ctx.model("sft")
         tok = load_tokenizer(init)
         policy = Policy(build_reward_model(init, tok), tok, device=cfg.model.device, lora=cfg.lora, task_type="SEQ_CLS",
                         mixed_precision=cfg.model.mixed_precision)
         train_reward_model(policy, read_preference_pairs(data), cfg.rm, ctx.dir, seed=ctx.seed)
-    return {"model": ctx.rel(ctx.dir / "model"), "data": ctx.rel(data), "rm": json.loads((ctx.dir / "rm.json").read_text())}
-
-
-@register_stage("rl_all", parents=("sft", "rm"), keys=("grpo", "eval", "pipeline"))
-def stage_rl_all(ctx: StageContext) -> dict[str, Any]:
-    """Stage 4b: RL for all scenarios: rules (accuracy, format, language) on reasoning prompts, the
-    reward model on general prompts (it scores only those: meta["scenario"] == "general")."""
-    import r1kit.rewards.language  # noqa: F401  registers the "language" reward
-    from r1kit.recipes.sampling import GeneralTask
-    from r1kit.rewards.reward_model import register_reward_model
-
-    cfg = ctx.cfg
-    register_reward_model(ctx.model("rm"), "reward_model", scenarios=("general",), template=cfg.task.template)
-    task = RLTask(reasoning_task(cfg), cfg.pipeline.lang, GeneralTask(), cfg.pipeline.general_frac)
-    return rl_stage(ctx, ctx.model("sft"), task, _rl_weights(cfg, True, reward_model=True))
+    out = {"model": ctx.rel(ctx.dir / "model"), "data": ctx.rel(data), "rm": json.loads((ctx.dir / "rm.json").read_text())}
+    return out if policy_stats is None else {**out, "policy_pairs": policy_stats}
 
 
 from r1kit.recipes.r1_gate import sft_stage  # noqa: E402  (the SFT stages and their readiness gate)

@@ -291,6 +291,37 @@ def preference_records(problems: Sequence[Problem], template: str, rng: random.R
     return out
 
 
+def policy_preference_records(cands: Sequence[Candidate], template: str) -> tuple[list[dict[str, str]], dict[str, Any]]:
+    """Pairs from a policy's own samples on general prompts (labelled as a human would label them, by the
+    reference answer the reward model never sees): each distinct wrong completion of a problem is rejected
+    against the right direct answer (kind "policy_wrong"). These are the mistakes the policy makes, where
+    synthetic one-digit changes are only a guess at them. Returns (records, stats: samples, right, pairs)."""
+    correct = accuracy_rewards([c.text for c in cands], [c.problem for c in cands])
+    out, seen = [], set()
+    for c, ok in zip(cands, correct):
+        key = (c.problem.id, normalized(c.text))
+        if ok or key in seen:
+            continue
+        seen.add(key)
+        out.append({"prompt": render_prompt(c.problem.question, template), "chosen": general_completion(c.problem),
+                    "rejected": c.text, "kind": "policy_wrong"})
+    return out, {"samples": len(cands), "right": int(sum(1 for ok in correct if ok)), "pairs": len(out)}
+
+
+def policy_pairs(model_dir: Path, problems: list[Problem], cfg, *, seed: int) -> tuple[list[dict[str, str]], dict[str, Any]]:
+    """`policy_preference_records` of the model at `model_dir` answering `problems` (settings: cfg.rm.policy_*,
+    cfg.sample.max_new_tokens); the stats add the prompts and the share of right answers."""
+    from r1kit.policy import Policy
+
+    policy = Policy.from_config(cfg, model_dir, lora=False)
+    engine = policy.make_engine(backend=cfg.engine.backend, dtype=cfg.engine.dtype)
+    scfg = SampleConfig(num_prompts=len(problems), samples_per_prompt=cfg.rm.policy_samples,
+                        temperature=cfg.rm.policy_temperature, max_new_tokens=cfg.sample.max_new_tokens)
+    records, stats = policy_preference_records(sample_candidates(engine, policy.tokenizer, problems, scfg,
+                                                                 cfg.task.template, seed), cfg.task.template)
+    return records, {**stats, "prompts": len(problems), "right_rate": stats["right"] / max(1, stats["samples"])}
+
+
 # ----------------------------------------------------------------------------- cold-start data
 
 SUMMARY_WORDS = {"en": "summary:", "zh": "总结："}
