@@ -288,6 +288,9 @@ class PipelineConfig:
     lang: str = "en"  # target language of the reasoning: language reward, unmixed filter
     corpus_zh_frac: float = 0.0  # base corpus: share of worked solutions with Chinese step words
     corpus_mix_frac: float = 0.0  # base corpus: share of worked solutions switching language mid-way
+    # Base corpus: general documents ("Repeat 4721" answered directly), this many per reasoning document, added
+    # to the corpus (a real base model has seen non-reasoning text; the SFT data alone did not teach copying).
+    corpus_general_frac: float = 0.0
     language_weight: float = 1.0  # weight of the language reward in reasoning RL (paper: summed with accuracy)
     rm_weight: float = 1.0  # weight of the reward model's score (general prompts) in the all-scenario RL stage
     general_frac: float = 0.25  # share of general (non-reasoning) prompts in the all-scenario RL stage

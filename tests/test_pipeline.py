@@ -2,6 +2,7 @@
 bad input stopping the pipeline with the stage and cause named. Micro config: tiny models, few steps."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import replace
@@ -224,7 +225,7 @@ def test_gate_settings_enter_a_stage_identity_only_when_the_gate_is_on():
 def test_reward_model_pairs_from_the_policys_own_wrong_answers(tmp_path, base_model):
     """rm.policy_prompts: the SFT model (here the micro base, which has never seen a general prompt, so
     every answer is wrong) answers general training prompts; each distinct wrong answer is rejected against
-    the right one, beside the synthetic pairs, and the reward model's validation splits out that kind."""
+    the right one, beside the synthetic pairs."""
     from r1kit.recipes.sampling import general_completion
     from r1kit.trainers.reward_model import read_preference_pairs
 
@@ -245,3 +246,41 @@ def test_reward_model_pairs_from_the_policys_own_wrong_answers(tmp_path, base_mo
     stage = r1.STAGES["rm"]
     assert r1.stage_identity(plain, stage, {}, {}) == r1.stage_identity(changed, stage, {}, {})
     assert r1.stage_identity(plain, stage, {}, {}) != r1.stage_identity(cfg, stage, {}, {})
+
+
+def test_general_documents_in_the_base_corpus(tmp_path):
+    """pipeline.corpus_general_frac adds "Repeat N" documents (training prompts only, answered directly) to
+    stage 0's corpus; at 0 the stages keep the identities they had before the setting existed."""
+    import random
+
+    from r1kit.corpus import general_docs
+    from r1kit.recipes.sampling import GeneralTask
+
+    docs = general_docs(50, "r1_zero", random.Random(0))
+    held = {p.question for p in GeneralTask().test_problems()}
+    assert len(docs) == 50 and {d.style for d in docs} == {"general"}
+    for d in docs:
+        question = d.prompt.split("User: ")[1].split("\n")[0]
+        assert question.startswith("Repeat ") and question not in held
+        assert d.completion == f" <think></think> <answer> {question.removeprefix('Repeat ')} </answer>"
+    with pytest.raises(R1KitError, match="corpus_general_frac"):
+        general_docs(-1, "r1_zero", random.Random(0))
+    cfg = RunConfig()
+    on = replace(cfg, pipeline=replace(cfg.pipeline, corpus_general_frac=0.1))
+    for name in ("base", "student_base", "rl_all"):
+        stage = r1.STAGES[name]
+        without = replace(stage, keys=tuple(k for k in stage.keys if k != "pipeline.corpus_general_frac"))
+        if name != "rl_all":  # rl_all hashes the whole pipeline section, where the key is dormant at 0
+            assert r1.stage_identity(cfg, stage, {}, {}) == r1.stage_identity(cfg, without, {}, {})
+        assert r1.stage_identity(on, stage, {}, {}) != r1.stage_identity(cfg, stage, {}, {})
+    assert "corpus_general_frac" not in r1._hashed_value("pipeline", dataclasses.asdict(cfg.pipeline))
+    rec = r1.run_stage(micro(tmp_path, pretrain={**MICRO["pretrain"], "steps": 3},
+                             pipeline={**MICRO["pipeline"], "corpus_general_frac": 0.25}), "base", log=lambda s: None)
+    styles = rec["pretrain"]["styles"]
+    assert styles["general"] == 100 and sum(styles.values()) == rec["pretrain"]["docs"] == 500
+
+
+def test_every_pipeline_stage_is_registered():
+    from r1kit.config import PIPELINE_STAGES
+
+    assert list(r1.STAGES) == PIPELINE_STAGES

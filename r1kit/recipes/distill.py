@@ -30,7 +30,8 @@ from r1kit.recipes.r1 import (
 
 @register_stage("student_base", parents=("base",), explicit=lambda c: {"base": c.distill.student_init},
                 keys=("distill.student", "distill.student_pretrain_steps", "distill.student_init", "pretrain",
-                      "pipeline.corpus_zh_frac", "pipeline.corpus_mix_frac", "eval", "pipeline.lang", "pipeline.general_test"))
+                      "pipeline.corpus_zh_frac", "pipeline.corpus_mix_frac", "pipeline.corpus_general_frac", "eval",
+                      "pipeline.lang", "pipeline.general_test"))
 def stage_student_base(ctx: StageContext) -> dict[str, Any]:
     """The student before distillation: pretrained here (teacher's tokenizer) unless distill.student_init is set."""
     from r1kit.model import load_tokenizer

@@ -189,7 +189,8 @@ def config_value(cfg: RunConfig, key: str) -> Any:
 
 def stage_identity(cfg: RunConfig, stage: Stage, parents: dict[str, dict], explicit: dict[str, str]) -> tuple[str, str]:
     """(config hash, identity): the hash of the keys the stage reads; that plus its inputs' identities."""
-    keys = {k: _hashed_value(k, config_value(cfg, k)) for k in (*ALWAYS_HASHED, *stage.keys)}
+    keys = {k: _hashed_value(k, config_value(cfg, k)) for k in (*ALWAYS_HASHED, *stage.keys)
+            if INERT_DEFAULTS.get(k, ()) != config_value(cfg, k)}
     if cfg.lora.r > 0 and {k.split(".")[0] for k in stage.keys} & {"grpo", "sft", "rm"}:  # a training stage
         keys["lora"] = config_value(cfg, "lora")  # hashed only when on: full fine-tuning identities are unchanged
     config_hash = hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -202,7 +203,12 @@ def stage_identity(cfg: RunConfig, stage: Stage, parents: dict[str, dict], expli
 # existed keep their identity across an upgrade (section -> (switch, keys)).
 DORMANT_KEYS = {"pretrain": ("gate_pass1", ("gate_pass1", "gate_problems", "gate_action", "extend_steps", "max_steps",
                                             "restart_lr_scale")),
-                "rm": ("policy_prompts", ("policy_prompts", "policy_samples", "policy_temperature"))}
+                "rm": ("policy_prompts", ("policy_prompts", "policy_samples", "policy_temperature")),
+                "pipeline": ("corpus_general_frac", ("corpus_general_frac",))}
+
+
+# Keys added after stages were finished, hashed only when they differ from this inert default.
+INERT_DEFAULTS = {"pipeline.corpus_general_frac": 0.0}
 
 
 def _hashed_value(key: str, value: Any) -> Any:
@@ -395,6 +401,7 @@ def pretrain_stage_model(ctx: StageContext, model_cfg, out: Path, *, steps: int,
         cfg = replace(cfg, pretrain=replace(cfg.pretrain, gate_pass1=0.0))
     info = pretrain_base(cfg, out, reasoning_task(cfg), model_cfg=model_cfg, init_seed=ctx.seed,
                          steps=steps, tokenizer=tokenizer, zh_frac=pl.corpus_zh_frac, mix_frac=pl.corpus_mix_frac,
+                         general_frac=pl.corpus_general_frac,
                          show_progress=ctx.cfg.log.progress)
     return {k: v for k, v in info.items() if k != "log"}
 
@@ -457,7 +464,8 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
 # ----------------------------------------------------------------------------- the R1 stages
 
 
-@register_stage("base", keys=("model", "pretrain", "pipeline.corpus_zh_frac", "pipeline.corpus_mix_frac", "eval",
+@register_stage("base", keys=("model", "pretrain", "pipeline.corpus_zh_frac", "pipeline.corpus_mix_frac",
+                              "pipeline.corpus_general_frac", "eval",
                               "pipeline.lang", "pipeline.general_test"))
 def stage_base(ctx: StageContext) -> dict[str, Any]:
     """Stage 0: the base model (pretrained here unless model.path names one)."""
@@ -592,6 +600,20 @@ def stage_rm(ctx: StageContext) -> dict[str, Any]:
         train_reward_model(policy, read_preference_pairs(data), cfg.rm, ctx.dir, seed=ctx.seed)
     out = {"model": ctx.rel(ctx.dir / "model"), "data": ctx.rel(data), "rm": json.loads((ctx.dir / "rm.json").read_text())}
     return out if policy_stats is None else {**out, "policy_pairs": policy_stats}
+
+
+@register_stage("rl_all", parents=("sft", "rm"), keys=("grpo", "eval", "pipeline"))
+def stage_rl_all(ctx: StageContext) -> dict[str, Any]:
+    """Stage 4b: RL for all scenarios: rules (accuracy, format, language) on reasoning prompts, the
+    reward model on general prompts (it scores only those: meta["scenario"] == "general")."""
+    import r1kit.rewards.language  # noqa: F401  registers the "language" reward
+    from r1kit.recipes.sampling import GeneralTask
+    from r1kit.rewards.reward_model import register_reward_model
+
+    cfg = ctx.cfg
+    register_reward_model(ctx.model("rm"), "reward_model", scenarios=("general",), template=cfg.task.template)
+    task = RLTask(reasoning_task(cfg), cfg.pipeline.lang, GeneralTask(), cfg.pipeline.general_frac)
+    return rl_stage(ctx, ctx.model("sft"), task, _rl_weights(cfg, True, reward_model=True))
 
 
 from r1kit.recipes.r1_gate import sft_stage  # noqa: E402  (the SFT stages and their readiness gate)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from r1kit import dist
 from r1kit.config import RunConfig, save_config
-from r1kit.corpus import build_corpus
+from r1kit.corpus import build_corpus, general_docs
 from r1kit.io import atomic_dir, atomic_write_json
 from r1kit.model import build_tiny_model, save_model, train_tokenizer
 from r1kit.policy import Policy
@@ -58,7 +58,7 @@ def ensure_base_model(cfg: RunConfig, show_progress: bool = True) -> Path:
 
 
 def pretrain_base(cfg: RunConfig, out: Path, task, *, model_cfg=None, steps: int | None = None, tokenizer=None,
-                  zh_frac: float = 0.0, mix_frac: float = 0.0, init_seed: int | None = None,
+                  zh_frac: float = 0.0, mix_frac: float = 0.0, general_frac: float = 0.0, init_seed: int | None = None,
                   show_progress: bool = True) -> dict[str, Any]:
     """Pretrain a tiny model from scratch on `task`'s synthetic corpus and write it (atomically) to `out`.
 
@@ -76,8 +76,10 @@ def pretrain_base(cfg: RunConfig, out: Path, task, *, model_cfg=None, steps: int
     p = cfg.pretrain if steps is None else replace(cfg.pretrain, steps=steps)
 
     def corpus(k: int):
-        return build_corpus(task, p.corpus_docs, p.direct_frac, p.reflect_frac, cfg.task.template,
-                            random.Random(cfg.seed + ATTEMPT_STRIDE * k), zh_frac=zh_frac, mix_frac=mix_frac)
+        rng = random.Random(cfg.seed + ATTEMPT_STRIDE * k)
+        docs = build_corpus(task, p.corpus_docs, p.direct_frac, p.reflect_frac, cfg.task.template, rng,
+                            zh_frac=zh_frac, mix_frac=mix_frac)
+        return docs + general_docs(round(p.corpus_docs * general_frac), cfg.task.template, rng) if general_frac else docs
 
     docs = corpus(0)
     tokenizer = tokenizer or train_tokenizer((d.prompt + d.completion for d in docs[:5000]), cfg.model.vocab_size)
@@ -102,7 +104,8 @@ def pretrain_base(cfg: RunConfig, out: Path, task, *, model_cfg=None, steps: int
         steps_k = losses[-1]["step"] + 1
         used += steps_k
         attempts.append({"attempt": k, "steps": steps_k, "final_loss": losses[-1]["loss"],
-                         "styles": {s: sum(d.style == s for d in docs) for s in ("direct", "worked", "reflect")},
+                         "styles": {s: sum(d.style == s for d in docs) for s in ("direct", "worked", "reflect", "general")
+                                    if s != "general" or general_frac},
                          "gate_pass1": gate[-1]["gate_pass1"] if gate else None, "log": log, "gate": gate})
         if best is None or (gate and gate[-1]["gate_pass1"] > best[0]["gate_pass1"]):
             best = (attempts[-1], {n: t.detach().clone() for n, t in model.state_dict().items()})
