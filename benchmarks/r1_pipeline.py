@@ -166,6 +166,7 @@ def write_results(runs: list[dict], seeds: list[int]) -> None:
                "distill_budget_s": r["base"].get("distill", {}).get("budget_s"),
                "student_rl_steps": r["base"].get("student_rl", {}).get("rl", {}).get("steps"),
                "reward_model": r["base"].get("rm", {}).get("rm"),
+               "policy_pairs": r["base"].get("rm", {}).get("policy_pairs"),
                "general_rm_scores": r.get("rm_scores"),
                "gate_attempts": {g: attempts(r["base"][g]) for g in GATED if g in r["base"]},
                "gate_checks": {g: r["base"][g].get("gate") or r["base"][g].get("pretrain", {}).get("gate")
@@ -197,6 +198,9 @@ def write_results(runs: list[dict], seeds: list[int]) -> None:
         if dt:
             md.append(f"  teacher traces: kept {dt['kept']}/{dt['samples']}; distillation took {e['distill_budget_s']:.0f}s; "
                       f"the RL-only student ran {e['student_rl_steps']} GRPO steps in that time.")
+        if pp := e["policy_pairs"]:
+            md.append(f"  reward-model pairs from the SFT policy's own answers: {pp['pairs']} pairs from {pp['samples']} samples "
+                      f"of {pp['prompts']} general prompts ({pp['right_rate']:.1%} right).")
         if rm:
             kinds = rm["val_after"].get("by_kind", {})
             md.append(f"  reward model: validation pairwise accuracy {rm['val_before']['accuracy']:.3f} -> {rm['val_after']['accuracy']:.3f}"

@@ -6,14 +6,15 @@
 Stages (paper section 2.3; each writes runs/<name>/<stage>/ and, last, an atomic done.json):
 
     base              stage 0: the tiny base model pretrained on the synthetic corpus; with
-                      pipeline.corpus_zh_frac/mix_frac its worked solutions come in English and Chinese
+                      pipeline.corpus_zh_frac/mix_frac its worked solutions come in English and Chinese;
+                      pipeline.corpus_general_frac adds general documents ("Repeat N" answered directly)
     zero              R1-Zero for comparison: GRPO from base, rule rewards (r1kit.recipes.zero.run_zero)
     cold_sft          1. cold start: SFT of base on readable chains of thought by the reference solvers
     reason_rl         2. reasoning RL from cold_sft: accuracy + format + language consistency
     reason_rl_nolang     (ablation: the same RL without the language reward)
     sample            3. rejection sampling from reason_rl, plus non-reasoning examples
     sft               3. SFT of *base* on that data
-    rm                4. a reward model (Bradley-Terry) for general prompts, from the SFT model
+    rm                4. a reward model (Bradley-Terry) for general prompts, from the SFT model (r1kit.recipes.r1_all)
     rl_all            4. RL for all scenarios from sft: rules on reasoning prompts, the reward model on general ones
     student_base      distillation: a smaller student pretrained on the same corpus (r1kit.recipes.distill)
     distill           teacher (rl_all) traces that pass rejection sampling -> SFT of the student
@@ -561,60 +562,6 @@ def stage_sft(ctx: StageContext) -> dict[str, Any]:
     return sft_stage(ctx, ctx.model("base"), ctx.data("sample"), gated=True)
 
 
-@register_stage("rm", parents=("sft",), keys=("rm", "task.template"),
-                explicit=lambda c: {"sft": c.rm.init, "preference data": c.rm.data})
-def stage_rm(ctx: StageContext) -> dict[str, Any]:
-    """Stage 4a: a Bradley-Terry reward model for general prompts, from the SFT model's backbone (as
-    InstructGPT's reward models start from the SFT model: the base model has never seen a general prompt,
-    and a reward model from it stayed at chance on one-digit-wrong answers, r1_observations.md §7)."""
-    from r1kit.model import load_tokenizer
-    from r1kit.policy import Policy
-    from r1kit.recipes.sampling import GeneralTask, policy_pairs, preference_records
-    from r1kit.trainers.reward_model import build_reward_model, read_preference_pairs, train_reward_model
-
-    cfg, policy_stats = ctx.cfg, None
-    if cfg.rm.data:
-        data = Path(cfg.rm.data)
-        ctx.record_input(data)
-    else:
-        data = ctx.dir / "prefs.jsonl"
-        if not data.exists():
-            rng = random.Random(ctx.seed)
-            records = preference_records(GeneralTask().train_problems(cfg.rm.pairs, rng), cfg.task.template, rng,
-                                         cfg.rm.kind_weights)
-            if cfg.rm.policy_prompts > 0:
-                own, policy_stats = policy_pairs(ctx.model("sft"), GeneralTask().train_problems(cfg.rm.policy_prompts, rng),
-                                                 cfg, seed=ctx.seed)
-                records += own
-                rng.shuffle(records)  # the validation split (the last val_frac) gets both sources
-                atomic_write_json(ctx.dir / "policy_pairs.json", policy_stats)
-            write_jsonl(data, records)
-        ctx.record_input(data)
-    if (ctx.dir / "policy_pairs.json").exists():
-        policy_stats = json.loads((ctx.dir / "policy_pairs.json").read_text())
-    if not (ctx.dir / "rm.json").exists():
-        init = ctx.model("sft")
-        tok = load_tokenizer(init)
-        policy = Policy(build_reward_model(init, tok), tok, device=cfg.model.device, lora=cfg.lora, task_type="SEQ_CLS",
-                        mixed_precision=cfg.model.mixed_precision)
-        train_reward_model(policy, read_preference_pairs(data), cfg.rm, ctx.dir, seed=ctx.seed)
-    out = {"model": ctx.rel(ctx.dir / "model"), "data": ctx.rel(data), "rm": json.loads((ctx.dir / "rm.json").read_text())}
-    return out if policy_stats is None else {**out, "policy_pairs": policy_stats}
-
-
-@register_stage("rl_all", parents=("sft", "rm"), keys=("grpo", "eval", "pipeline"))
-def stage_rl_all(ctx: StageContext) -> dict[str, Any]:
-    """Stage 4b: RL for all scenarios: rules (accuracy, format, language) on reasoning prompts, the
-    reward model on general prompts (it scores only those: meta["scenario"] == "general")."""
-    import r1kit.rewards.language  # noqa: F401  registers the "language" reward
-    from r1kit.recipes.sampling import GeneralTask
-    from r1kit.rewards.reward_model import register_reward_model
-
-    cfg = ctx.cfg
-    register_reward_model(ctx.model("rm"), "reward_model", scenarios=("general",), template=cfg.task.template)
-    task = RLTask(reasoning_task(cfg), cfg.pipeline.lang, GeneralTask(), cfg.pipeline.general_frac)
-    return rl_stage(ctx, ctx.model("sft"), task, _rl_weights(cfg, True, reward_model=True))
-
-
 from r1kit.recipes.r1_gate import sft_stage  # noqa: E402  (the SFT stages and their readiness gate)
+from r1kit.recipes import r1_all as _r1_all  # noqa: E402,F401  registers stage 4: the reward model and RL for all scenarios
 from r1kit.recipes import distill as _distill  # noqa: E402,F401  registers the distillation stages
