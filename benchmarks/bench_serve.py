@@ -235,6 +235,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="waves per setting, alternating the servers")
     ap.add_argument("--prefix-requests", type=int, default=8)
     ap.add_argument("--only", choices=["r1kit"], default=None, help="skip the peer")
+    ap.add_argument("--bf16", action="store_true",
+                    help="also r1kit with --engine-dtype bf16 (bf16 matmuls, float32 weights and KV cache) and the "
+                         "peer with --dtype bfloat16, at 64 streams (for CPUs with native bf16)")
+    ap.add_argument("--out", default=str(RESULTS), help="results JSON (default benchmarks/results/serve.json)")
     ns = ap.parse_args()
     from r1kit.model import load_tokenizer
 
@@ -252,6 +256,12 @@ def main() -> None:
     if ns.only is None:
         commands["transformers"] = ["transformers", "serve", str(model_dir), "--continuous-batching", "--device",
                                     "cpu", "--dtype", "float32", "--host", "127.0.0.1"]
+    if ns.bf16:
+        commands["r1kit_bf16"] = [*r1, "--engine-dtype", "bf16"]
+        model_ids["r1kit_bf16"], load_settings["r1kit_bf16"] = "bench", (64,)
+        if ns.only is None:
+            commands["transformers_bf16"] = [*commands["transformers"][:-4], "--dtype", "bfloat16", "--host", "127.0.0.1"]
+            model_ids["transformers_bf16"], load_settings["transformers_bf16"] = str(model_dir), (64,)
     results: dict = {"model": "random Llama, hidden 256, 4 layers, context 2048, float32", "max_tokens": MAX_TOKENS,
                      "threads": ns.threads, "repeats": ns.repeats, "cpu_count": os.cpu_count(),
                      "load_average_at_start": os.getloadavg(), "commands": {}}
@@ -277,7 +287,7 @@ def main() -> None:
         for name in waves:
             results[name] = {"load": [merge_waves(waves[name][c]) for c in load_settings[name]]}
         for name in procs:
-            if name in ("r1kit_every_token", "r1kit_engine_in_server"):
+            if name in ("r1kit_every_token", "r1kit_engine_in_server", "r1kit_bf16", "transformers_bf16"):
                 continue
             results.setdefault(name, {})["shared_prefix"] = asyncio.run(
                 prefix_ttft(urls[name], model_ids[name], prefix, ns.prefix_requests))
@@ -286,10 +296,11 @@ def main() -> None:
             stop(proc)
             results.setdefault(name, {})["log_tail"] = (tmp / f"{name}.log").read_text(errors="replace")[-800:]
     results["load_average_at_end"] = os.getloadavg()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = RESULTS.with_suffix(".json.tmp")
+    out = Path(ns.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_suffix(".json.tmp")
     tmp_out.write_text(json.dumps(results, indent=2) + "\n")
-    tmp_out.replace(RESULTS)
+    tmp_out.replace(out)
     print_table(results)
 
 

@@ -114,3 +114,19 @@ def test_engine_closed_is_raised_after_the_engine_process_died(model_dir):  # no
         finally:
             loop.stop()
     asyncio.run(main())
+
+
+def test_engine_dtype_bf16_samples_with_bf16_copies_of_the_float32_weights(model_dir):  # noqa: F811
+    """`r1kit serve --engine-dtype bf16`: the engine computes in bf16 while the weights stay float32; the same
+    requests finish, and the greedy request's first token and its logprob agree with the float32 engine's."""
+    from dataclasses import replace
+
+    fp32 = ServeOptions(model=str(model_dir), threads=torch.get_num_threads(), max_num_seqs=8, cache_mb=16)
+    engine = build_engine(replace(fp32, engine_dtype="bf16"))[0]
+    assert engine.dtype == torch.bfloat16 and {p.dtype for p in engine.model.parameters()} == {torch.float32}
+    got, ref = _run(engine), _run(build_engine(fp32)[0])
+    assert sorted(got) == sorted(ref)
+    (toks, lps, _), (ref_toks, ref_lps, _) = got[(1, 0)], ref[(1, 0)]  # request 1 is greedy
+    assert toks[0] == ref_toks[0] and abs(lps[0] - ref_lps[0]) < 0.1
+    with pytest.raises(R1KitError, match="engine.dtype='fp16' is unknown"):
+        build_engine(replace(fp32, engine_dtype="fp16"))
