@@ -236,8 +236,9 @@ def main() -> None:
     ap.add_argument("--prefix-requests", type=int, default=8)
     ap.add_argument("--only", choices=["r1kit"], default=None, help="skip the peer")
     ap.add_argument("--bf16", action="store_true",
-                    help="also r1kit with --engine-dtype bf16 (bf16 matmuls, float32 weights and KV cache) and the "
-                         "peer with --dtype bfloat16, at 64 streams (for CPUs with native bf16)")
+                    help="also r1kit with --engine-dtype bf16 (bf16 matmuls, float32 weights and KV cache) at 64 "
+                         "streams (for CPUs with native bf16). A second transformers server (--dtype bfloat16) "
+                         "beside the first was killed for memory here: its paged cache sizes itself to free RAM")
     ap.add_argument("--out", default=str(RESULTS), help="results JSON (default benchmarks/results/serve.json)")
     ns = ap.parse_args()
     from r1kit.model import load_tokenizer
@@ -259,9 +260,6 @@ def main() -> None:
     if ns.bf16:
         commands["r1kit_bf16"] = [*r1, "--engine-dtype", "bf16"]
         model_ids["r1kit_bf16"], load_settings["r1kit_bf16"] = "bench", (64,)
-        if ns.only is None:
-            commands["transformers_bf16"] = [*commands["transformers"][:-4], "--dtype", "bfloat16", "--host", "127.0.0.1"]
-            model_ids["transformers_bf16"], load_settings["transformers_bf16"] = str(model_dir), (64,)
     results: dict = {"model": "random Llama, hidden 256, 4 layers, context 2048, float32", "max_tokens": MAX_TOKENS,
                      "threads": ns.threads, "repeats": ns.repeats, "cpu_count": os.cpu_count(),
                      "load_average_at_start": os.getloadavg(), "commands": {}}
@@ -287,7 +285,7 @@ def main() -> None:
         for name in waves:
             results[name] = {"load": [merge_waves(waves[name][c]) for c in load_settings[name]]}
         for name in procs:
-            if name in ("r1kit_every_token", "r1kit_engine_in_server", "r1kit_bf16", "transformers_bf16"):
+            if name in ("r1kit_every_token", "r1kit_engine_in_server", "r1kit_bf16"):
                 continue
             results.setdefault(name, {})["shared_prefix"] = asyncio.run(
                 prefix_ttft(urls[name], model_ids[name], prefix, ns.prefix_requests))
