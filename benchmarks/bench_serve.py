@@ -307,7 +307,7 @@ def print_table(results: dict) -> None:
           f"idle CPU {results['idle_cpu_s_per_s']}")
     print(f"{'server':<19}{'streams':>8}{'tok/s':>9}{'TTFT p50 ms':>13}{'TTFT p99 ms':>13}{'errors':>8}"
           f"{'chunks/req':>12}{'client CPU s/wave':>19}")
-    for name in ("r1kit", "r1kit_engine_in_server", "r1kit_every_token", "transformers"):
+    for name in ("r1kit", "r1kit_engine_in_server", "r1kit_every_token", "r1kit_bf16", "transformers"):
         for row in results.get(name, {}).get("load", []):
             print(f"{name:<19}{row['concurrency']:>8}{row['tokens_per_s']:>9}{row['ttft_p50_ms']:>13}"
                   f"{row['ttft_p99_ms']:>13}{row['errors']:>8}{row['chunks_per_request_mean']!s:>12}"
