@@ -72,13 +72,3 @@ def _build_bilingual(task, n_docs: int, direct_frac: float, reflect_frac: float,
         docs.append(CorpusDoc(render_prompt(p.question, template), text, s))
     return docs
 
-
-def general_docs(n: int, template: str, rng: random.Random) -> list[CorpusDoc]:
-    """`n` general documents (style "general"): a "Repeat N" training prompt answered directly, as the R1
-    pipeline's SFT data answers general prompts (never a held-out general prompt)."""
-    from r1kit.recipes.sampling import GeneralTask, general_completion
-
-    if n < 0:
-        raise R1KitError(f"pipeline.corpus_general_frac gives {n} general documents; it must be >= 0")
-    return [CorpusDoc(render_prompt(p.question, template), general_completion(p), "general")
-            for p in GeneralTask().train_problems(n, rng)]

@@ -253,8 +253,7 @@ def test_general_documents_in_the_base_corpus(tmp_path):
     stage 0's corpus; at 0 the stages keep the identities they had before the setting existed."""
     import random
 
-    from r1kit.corpus import general_docs
-    from r1kit.recipes.sampling import GeneralTask
+    from r1kit.recipes.sampling import GeneralTask, general_docs
 
     docs = general_docs(50, "r1_zero", random.Random(0))
     held = {p.question for p in GeneralTask().test_problems()}

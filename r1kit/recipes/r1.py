@@ -191,7 +191,7 @@ def config_value(cfg: RunConfig, key: str) -> Any:
 def stage_identity(cfg: RunConfig, stage: Stage, parents: dict[str, dict], explicit: dict[str, str]) -> tuple[str, str]:
     """(config hash, identity): the hash of the keys the stage reads; that plus its inputs' identities."""
     keys = {k: _hashed_value(k, config_value(cfg, k)) for k in (*ALWAYS_HASHED, *stage.keys)
-            if INERT_DEFAULTS.get(k, ()) != config_value(cfg, k)}
+            if not _inert(k, config_value(cfg, k))}
     if cfg.lora.r > 0 and {k.split(".")[0] for k in stage.keys} & {"grpo", "sft", "rm"}:  # a training stage
         keys["lora"] = config_value(cfg, "lora")  # hashed only when on: full fine-tuning identities are unchanged
     config_hash = hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -204,18 +204,22 @@ def stage_identity(cfg: RunConfig, stage: Stage, parents: dict[str, dict], expli
 # existed keep their identity across an upgrade (section -> (switch, keys)).
 DORMANT_KEYS = {"pretrain": ("gate_pass1", ("gate_pass1", "gate_problems", "gate_action", "extend_steps", "max_steps",
                                             "restart_lr_scale")),
-                "rm": ("policy_prompts", ("policy_prompts", "policy_samples", "policy_temperature")),
-                "pipeline": ("corpus_general_frac", ("corpus_general_frac",))}
+                "rm": ("policy_prompts", ("policy_prompts", "policy_samples", "policy_temperature"))}
 
-
-# Keys added after stages were finished, hashed only when they differ from this inert default.
+# Settings added after stages were finished, left out of the hash while at this inert value, whether a stage
+# reads the key itself or its whole section, so those stages keep their identity.
 INERT_DEFAULTS = {"pipeline.corpus_general_frac": 0.0}
+
+
+def _inert(key: str, value: Any) -> bool:
+    return key in INERT_DEFAULTS and INERT_DEFAULTS[key] == value
 
 
 def _hashed_value(key: str, value: Any) -> Any:
     switch, dormant = DORMANT_KEYS.get(key, ("", ()))
-    if dormant and isinstance(value, dict) and not value.get(switch):
-        return {k: v for k, v in value.items() if k not in dormant}
+    if isinstance(value, dict):
+        return {k: v for k, v in value.items()
+                if not (dormant and not value.get(switch) and k in dormant) and not _inert(f"{key}.{k}", v)}
     return value
 
 

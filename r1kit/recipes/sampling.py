@@ -244,6 +244,18 @@ class GeneralTask:
         return list(self._test)
 
 
+def general_docs(n: int, template: str, rng: random.Random) -> list:
+    """`n` pretraining documents of style "general" (r1kit.corpus.CorpusDoc): a "Repeat N" training prompt
+    answered directly, as the SFT data answers general prompts (never a held-out general prompt); the R1
+    pipeline's `pipeline.corpus_general_frac`."""
+    from r1kit.corpus import CorpusDoc
+
+    if n < 0:
+        raise R1KitError(f"pipeline.corpus_general_frac gives {n} general documents; it must be >= 0")
+    return [CorpusDoc(render_prompt(p.question, template), general_completion(p), "general")
+            for p in GeneralTask().train_problems(n, rng)]
+
+
 def general_completion(problem: Problem) -> str:
     """The non-reasoning answer: an empty chain of thought, then the answer.
 

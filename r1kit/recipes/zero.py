@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from r1kit import dist
 from r1kit.config import RunConfig, save_config
-from r1kit.corpus import build_corpus, general_docs
+from r1kit.corpus import build_corpus
 from r1kit.io import atomic_dir, atomic_write_json
 from r1kit.model import build_tiny_model, save_model, train_tokenizer
 from r1kit.policy import Policy
@@ -79,7 +79,11 @@ def pretrain_base(cfg: RunConfig, out: Path, task, *, model_cfg=None, steps: int
         rng = random.Random(cfg.seed + ATTEMPT_STRIDE * k)
         docs = build_corpus(task, p.corpus_docs, p.direct_frac, p.reflect_frac, cfg.task.template, rng,
                             zh_frac=zh_frac, mix_frac=mix_frac)
-        return docs + general_docs(round(p.corpus_docs * general_frac), cfg.task.template, rng) if general_frac else docs
+        if not general_frac:
+            return docs
+        from r1kit.recipes.sampling import general_docs
+
+        return docs + general_docs(round(p.corpus_docs * general_frac), cfg.task.template, rng)
 
     docs = corpus(0)
     tokenizer = tokenizer or train_tokenizer((d.prompt + d.completion for d in docs[:5000]), cfg.model.vocab_size)
@@ -104,8 +108,8 @@ def pretrain_base(cfg: RunConfig, out: Path, task, *, model_cfg=None, steps: int
         steps_k = losses[-1]["step"] + 1
         used += steps_k
         attempts.append({"attempt": k, "steps": steps_k, "final_loss": losses[-1]["loss"],
-                         "styles": {s: sum(d.style == s for d in docs) for s in ("direct", "worked", "reflect", "general")
-                                    if s != "general" or general_frac},
+                         "styles": {s: sum(d.style == s for d in docs)
+                                    for s in ("direct", "worked", "reflect") + (("general",) if general_frac else ())},
                          "gate_pass1": gate[-1]["gate_pass1"] if gate else None, "log": log, "gate": gate})
         if best is None or (gate and gate[-1]["gate_pass1"] > best[0]["gate_pass1"]):
             best = (attempts[-1], {n: t.detach().clone() for n, t in model.state_dict().items()})
