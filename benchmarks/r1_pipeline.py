@@ -60,8 +60,7 @@ def run_seed(seed: int, out: Path, overrides: list[str]) -> dict[str, dict]:
     rm_model = out / main / "rm" / "model"
     if rm_model.exists():  # the reward model's view of the general samples before and after stage 4
         cfg = load_config(RunConfig, out / main / "config.yaml")
-        recs["rm_scores"] = {st: general_rm_score(out / main / st, rm_model, template=cfg.task.template,
-                                                  general_test=cfg.pipeline.general_test) for st in ("sft", "rl_all")}
+        recs["rm_scores"] = {st: general_rm_score(out / main / st, rm_model, cfg) for st in ("sft", "rl_all")}
     return recs
 
 

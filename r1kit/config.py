@@ -91,6 +91,12 @@ class PretrainConfig:
     # Measured on zero-tiny (benchmarks/results/zero_seeds.md): seed 1's base, at 1.6% after 2,500 steps, crept
     # to 14.5% in two more cycles; on a fresh attempt its second base scored 44%, and RL took it to 100%.
     gate_pass1: float = 0.0
+    # A second condition of the same check (0 = off): pass@1 among the samples that reason (a chain of thought
+    # of at least 16 characters, r1kit.recipes.zero.REASONED_MIN_CHARS) must reach this too. r1-tiny's seed-1 base
+    # passed the pass@1 gate (0.109) on its direct answers while its worked solutions restated the question
+    # wrongly 73% of the time (right on 0.27 of them, against 0.99 and 0.62 on seeds 0 and 2), and every later
+    # stage inherited the miscopy (benchmarks/results/r1_observations.md section 8).
+    gate_reasoned_pass1: float = 0.0
     gate_problems: int = 64
     gate_action: str = "restart"
     extend_steps: int = 1000
@@ -291,6 +297,9 @@ class PipelineConfig:
     # Base corpus: general documents ("Repeat 4721" answered directly), this many per reasoning document, added
     # to the corpus (a real base model has seen non-reasoning text; the SFT data alone did not teach copying).
     corpus_general_frac: float = 0.0
+    # Digits of the general prompts' numbers, [min, max] ("Repeat 4721"). With 3-5 digits the SFT policies copied
+    # the number right on 0.1-0.7% of samples and stage 4 had nothing to reinforce (r1_observations.md section 8).
+    general_digits: list[int] = field(default_factory=lambda: [3, 5])
     language_weight: float = 1.0  # weight of the language reward in reasoning RL (paper: summed with accuracy)
     rm_weight: float = 1.0  # weight of the reward model's score (general prompts) in the all-scenario RL stage
     general_frac: float = 0.25  # share of general (non-reasoning) prompts in the all-scenario RL stage

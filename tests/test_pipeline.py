@@ -279,6 +279,44 @@ def test_general_documents_in_the_base_corpus(tmp_path):
     assert styles["general"] == 100 and sum(styles.values()) == rec["pretrain"]["docs"] == 500
 
 
+
+def test_general_prompts_of_a_chosen_length(tmp_path):
+    """pipeline.general_digits sets the numbers' digits of every general prompt (training, reward-model pairs,
+    evaluation); the held-out prompts stay out of training; a bad value is named before stage 0; at the old
+    default [3, 5] every stage keeps its identity, and another value changes the identity of the stages that
+    read general prompts."""
+    import random
+
+    from r1kit.recipes.sampling import general_task
+
+    cfg = RunConfig()
+    three = replace(cfg, pipeline=replace(cfg.pipeline, general_digits=[3, 3]))
+    task = general_task(three)
+    test = task.test_problems()
+    assert len(test) == cfg.pipeline.general_test == len({p.question for p in test})
+    train = task.train_problems(500, random.Random(0))
+    assert all(len(p.answer) == 3 and p.question == f"Repeat {p.answer}" for p in train + test)
+    assert not {p.question for p in train} & {p.question for p in test}
+    assert {len(p.answer) for p in general_task(cfg).train_problems(300, random.Random(0))} == {3, 4, 5}
+    assert [p.question for p in general_task(three, num_test=10).test_problems()] == [p.question for p in test[:10]]
+    for bad in ([3], [4, 3], [0, 2], [3, 10], ["3", 3]):
+        with pytest.raises(R1KitError, match="pipeline.general_digits must be"):
+            general_task(replace(cfg, pipeline=replace(cfg.pipeline, general_digits=bad)))
+    with pytest.raises(R1KitError, match="too few numbers for 50 held-out general prompts"):
+        general_task(replace(cfg, pipeline=replace(cfg.pipeline, general_digits=[1, 2])))
+    root = tmp_path / "bad"
+    bad = from_dict(RunConfig, {**MICRO, "output_dir": str(root), "pipeline": {**MICRO.get("pipeline", {}), "general_digits": [6, 2]}})
+    with pytest.raises(R1KitError, match="general_digits"):
+        r1.run_pipeline(bad, log=lambda s: None)
+    assert not root.exists()
+    for name in ("base", "zero", "sample", "rm", "rl_all", "distill"):
+        stage = r1.STAGES[name]
+        without = replace(stage, keys=tuple(k for k in stage.keys if k != "pipeline.general_digits"))
+        if name != "rl_all":  # rl_all hashes the whole pipeline section, where [3, 5] is left out too
+            assert r1.stage_identity(cfg, stage, {}, {}) == r1.stage_identity(cfg, without, {}, {})
+        assert r1.stage_identity(three, stage, {}, {}) != r1.stage_identity(cfg, stage, {}, {})
+
+
 def test_every_pipeline_stage_is_registered():
     from r1kit.config import PIPELINE_STAGES
 

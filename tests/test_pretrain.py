@@ -190,3 +190,59 @@ def test_when_every_attempt_fails_the_best_one_is_kept_and_it_is_the_plain_run(t
     plain = ensure_base_model(_gated(tmp_path, "plain"), show_progress=False)  # no gate: attempt 0 alone
     kept, first = load_file(out / "model.safetensors"), load_file(plain / "model.safetensors")
     assert kept.keys() == first.keys() and all(torch.equal(kept[k], first[k]) for k in first)
+
+
+def test_a_chain_of_thought_reasons_when_it_has_at_least_16_characters():
+    from r1kit.evaluation.metrics import SampleRecord
+    from r1kit.recipes.zero import reasoned_accuracy, reasons
+
+    worked = " <think> 123+456: 3+6=9, so 9. 2+5=7, so 7. </think> <answer> 579 </answer>"
+    assert reasons(worked) and reasons(" <think> 123+456: 3+6=9, so 9. 2+5=7")  # never closed: to the end
+    assert not reasons(" <think> easy. </think> <answer> 579 </answer>") and not reasons("<think></think> 5")
+    assert not reasons("no think tag at all, however long this text runs on")
+    rec = lambda text, ok: SampleRecord("p", 0, text, "579", ok, "", 10, False, True, False)  # noqa: E731
+    records = [rec(worked, True), rec(worked, False), rec(worked, True), rec(" <think> easy. </think>", True)]
+    assert reasoned_accuracy(records) == (3, 2 / 3)
+    assert reasoned_accuracy(records[3:]) == (0, 0.0)
+
+
+def test_a_base_right_only_on_its_direct_answers_is_pretrained_again(tmp_path, monkeypatch, capsys):
+    """r1-tiny's seed-1 base passed pass@1 on direct answers while its worked solutions miscopied the question:
+    with pretrain.gate_reasoned_pass1 the attempt whose reasoning is right is kept, though its pass@1 is lower."""
+    _scripted_gate(monkeypatch, [{"gate_pass1": 0.3, "reasoned_pass1": 0.2, "reasoned": 40},
+                                 {"gate_pass1": 0.1, "reasoned_pass1": 0.7, "reasoned": 30}])
+    cfg = _gated(tmp_path, "r", "pretrain.gate_pass1=0.05", "pretrain.gate_reasoned_pass1=0.5", "pretrain.max_steps=100")
+    info = json.loads((ensure_base_model(cfg, show_progress=False) / "pretrain.json").read_text())
+    err = capsys.readouterr().err
+    assert "attempt 0: pass@1 0.200 of the samples that reason is below the readiness gate 0.5; starting attempt 1" in err
+    gate = info["gate"]
+    assert [(c["attempt"], c["reasoned_pass1"], c["passed"]) for c in gate["checks"]] == [(0, 0.2, False), (1, 0.7, True)]
+    assert gate["kept_attempt"] == 1 and gate["passed"] and gate["reasoned_threshold"] == 0.5
+
+
+def test_when_no_attempt_passes_the_one_closest_to_the_gate_is_kept(tmp_path, monkeypatch):
+    # ratios to (0.05, 0.5): attempt 0 (2.0, 0.4) -> 0.4; attempt 1 (6.0, 0.2) -> 0.2, despite its pass@1
+    _scripted_gate(monkeypatch, [{"gate_pass1": 0.1, "reasoned_pass1": 0.2, "reasoned": 4},
+                                 {"gate_pass1": 0.3, "reasoned_pass1": 0.1, "reasoned": 4}])
+    cfg = _gated(tmp_path, "r", "pretrain.gate_pass1=0.05", "pretrain.gate_reasoned_pass1=0.5", "pretrain.max_steps=12")
+    with pytest.warns(UserWarning, match=r"did not reach pass@1 0.05 \(and 0.5 on the samples that reason\)"):
+        out = ensure_base_model(cfg, show_progress=False)
+    assert json.loads((out / "pretrain.json").read_text())["gate"]["kept_attempt"] == 0
+
+
+def test_the_real_readiness_check_reports_the_samples_that_reason(tmp_path):
+    cfg = _gated(tmp_path, "r", "pretrain.gate_pass1=0.01", "pretrain.gate_reasoned_pass1=1.0", "pretrain.max_steps=6")
+    with pytest.warns(UserWarning, match="did not reach"):  # an untrained model's reasoning is not right every time
+        out = ensure_base_model(cfg, show_progress=False)
+    (check,) = json.loads((out / "pretrain.json").read_text())["gate"]["checks"]
+    assert 0 <= check["reasoned"] <= 16 and 0.0 <= check["reasoned_pass1"] <= 1.0 and check["passed"] is False
+
+
+def test_bad_reasoned_gate_and_a_check_without_it_are_named():
+    model, tok = tiny_pair()
+    with pytest.raises(R1KitError, match=r"pretrain.gate_reasoned_pass1 = 2.0: expected in \[0, 1\]"):
+        pretrain(Policy(model, tok), _docs(), PretrainConfig(steps=5, batch_size=4, gate_reasoned_pass1=2.0), seed=0,
+                 show_progress=False)
+    cfg = PretrainConfig(steps=5, batch_size=4, warmup_steps=2, gate_pass1=0.5, gate_reasoned_pass1=0.5)
+    with pytest.raises(R1KitError, match="needs a readiness check that reports reasoned_pass1"):
+        pretrain(Policy(model, tok), _docs(), cfg, seed=0, show_progress=False, check=lambda m: 1.0)

@@ -52,7 +52,8 @@ def test_general_rm_score_scores_stored_general_samples(tmp_path):
 
     from r1kit.config import ModelConfig
     from r1kit.model import save_model
-    from r1kit.recipes.sampling import GeneralTask
+    from r1kit.config import PipelineConfig, RunConfig
+    from r1kit.recipes.sampling import general_task
     from r1kit.rewards.reward_model import RewardModelScorer
     from r1kit.templates import render_prompt
     from r1kit.trainers.reward_model import build_reward_model
@@ -62,13 +63,14 @@ def test_general_rm_score_scores_stored_general_samples(tmp_path):
     torch.manual_seed(0)
     rm = build_reward_model(None, tok, ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64))
     save_model(rm, tok, tmp_path / "rm")
-    assert general_rm_score(tmp_path / "stage", tmp_path / "rm", template="r1_zero", general_test=4) == {}
-    probs = GeneralTask(num_test=4).test_problems()
+    cfg = RunConfig(pipeline=PipelineConfig(general_test=4, general_digits=[3, 3]))
+    assert general_rm_score(tmp_path / "stage", tmp_path / "rm", cfg) == {}
+    probs = general_task(cfg).test_problems()  # the run's general prompts: its digits
     comps = [f" <think></think> <answer> {probs[0].answer} </answer>", " 12", f" <answer> {probs[2].answer} </answer>"]
     recs = [{"problem_id": probs[i].id, "completion": c, "correct": i == 0} for i, c in enumerate(comps)]
     (tmp_path / "stage" / "eval_general").mkdir(parents=True)
     (tmp_path / "stage" / "eval_general" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    got = general_rm_score(tmp_path / "stage", tmp_path / "rm", template="r1_zero", general_test=4)
+    got = general_rm_score(tmp_path / "stage", tmp_path / "rm", cfg)
     direct = RewardModelScorer(tmp_path / "rm", template="r1_zero").score([render_prompt(probs[i].question, "r1_zero") for i in range(3)], comps)
     assert all(0 < s < 1 for s in direct) and got["samples"] == 3
     assert got["rm_score"] == pytest.approx(sum(direct) / 3, abs=1e-6)

@@ -31,7 +31,7 @@ from r1kit.recipes.r1 import (
 @register_stage("student_base", parents=("base",), explicit=lambda c: {"base": c.distill.student_init},
                 keys=("distill.student", "distill.student_pretrain_steps", "distill.student_init", "pretrain",
                       "pipeline.corpus_zh_frac", "pipeline.corpus_mix_frac", "pipeline.corpus_general_frac", "eval",
-                      "pipeline.lang", "pipeline.general_test"))
+                      "pipeline.lang", "pipeline.general_test", "pipeline.general_digits"))
 def stage_student_base(ctx: StageContext) -> dict[str, Any]:
     """The student before distillation: pretrained here (teacher's tokenizer) unless distill.student_init is set."""
     from r1kit.model import load_tokenizer
@@ -50,15 +50,15 @@ def stage_student_base(ctx: StageContext) -> dict[str, Any]:
 
 
 @register_stage("distill", parents=("rl_all", "student_base"), explicit=lambda c: {"rl_all": c.distill.teacher},
-                keys=("distill.num_prompts", "sample", "sft", "eval", "pipeline.lang", "pipeline.general_test"))
+                keys=("distill.num_prompts", "sample", "sft", "eval", "pipeline.lang", "pipeline.general_test", "pipeline.general_digits"))
 def stage_distill(ctx: StageContext) -> dict[str, Any]:
     """Teacher traces through rejection sampling, then SFT of the student on them."""
-    from r1kit.recipes.sampling import GeneralTask
+    from r1kit.recipes.sampling import general_task
 
     cfg = ctx.cfg
     rng = random.Random(ctx.seed)
     problems = reasoning_task(cfg).train_problems(cfg.distill.num_prompts, rng)
-    general = GeneralTask().train_problems(cfg.distill.num_prompts, rng) if cfg.sample.general_frac > 0 else []
+    general = general_task(cfg).train_problems(cfg.distill.num_prompts, rng) if cfg.sample.general_frac > 0 else []
     traces = sample_data(ctx, ctx.model("rl_all"), problems, general, "Teacher traces for distillation")
     out = sft_stage(ctx, ctx.model("student_base"), ctx.resolve(traces["data"]))
     budget = traces["stats"]["seconds"] + out["sft"]["seconds"]
@@ -67,7 +67,7 @@ def stage_distill(ctx: StageContext) -> dict[str, Any]:
 
 @register_stage("student_rl", parents=("student_base", "distill"),
                 keys=("grpo", "distill.rl_steps", "distill.rl_max_steps", "eval", "pipeline.lang", "pipeline.language_weight",
-                      "pipeline.general_test"))
+                      "pipeline.general_test", "pipeline.general_digits"))
 def stage_student_rl(ctx: StageContext) -> dict[str, Any]:
     """The student trained by RL alone: fixed steps, or distillation's wall-clock budget."""
     cfg, d = ctx.cfg, ctx.cfg.distill

@@ -203,12 +203,12 @@ def stage_identity(cfg: RunConfig, stage: Stage, parents: dict[str, dict], expli
 # Settings inert while their switch is off are hashed only when it is on, so stages finished before they
 # existed keep their identity across an upgrade (section -> (switch, keys)).
 DORMANT_KEYS = {"pretrain": ("gate_pass1", ("gate_pass1", "gate_problems", "gate_action", "extend_steps", "max_steps",
-                                            "restart_lr_scale")),
+                                            "restart_lr_scale", "gate_reasoned_pass1")),
                 "rm": ("policy_prompts", ("policy_prompts", "policy_samples", "policy_temperature"))}
 
 # Settings added after stages were finished, left out of the hash while at this inert value, whether a stage
 # reads the key itself or its whole section, so those stages keep their identity.
-INERT_DEFAULTS = {"pipeline.corpus_general_frac": 0.0}
+INERT_DEFAULTS = {"pipeline.corpus_general_frac": 0.0, "pipeline.general_digits": [3, 5], "pretrain.gate_reasoned_pass1": 0.0}
 
 
 def _inert(key: str, value: Any) -> bool:
@@ -315,9 +315,10 @@ def check_stage_settings(cfg: RunConfig) -> None:
     runs: a bad value for a late stage must not cost the hour of stages before it."""
     from r1kit.engine.inputs import engine_dtype
     from r1kit.recipes.r1_gate import validate_gate
-    from r1kit.recipes.sampling import kind_cycle, validate_sample_config
+    from r1kit.recipes.sampling import general_task, kind_cycle, validate_sample_config
 
     engine_dtype(cfg.engine.dtype, torch.float32)  # every stage samples: a bad engine.dtype fails now
+    general_task(cfg)  # the general prompts' digits (every stage evaluates them)
     stages = set(cfg.pipeline.stages)
     for name in stages & {"cold_sft", "sft"}:
         validate_gate(stage_config(cfg, name).pipeline)
@@ -372,7 +373,7 @@ def evaluate_model(ctx: StageContext, model_dir: Path) -> dict[str, float]:
     from r1kit.evaluation import evaluate_problems
     from r1kit.evaluation.readability import readability
     from r1kit.policy import Policy
-    from r1kit.recipes.sampling import GeneralTask
+    from r1kit.recipes.sampling import general_task
     from r1kit.rewards.language import language_consistency, mixing_rate, off_target_rate
 
     cfg, e, lang = ctx.cfg, ctx.cfg.eval, ctx.cfg.pipeline.lang
@@ -388,7 +389,7 @@ def evaluate_model(ctx: StageContext, model_dir: Path) -> dict[str, float]:
                language_consistency=sum(language_consistency(t, lang) for t in texts) / len(texts))
     out.update({k: v for k, v in readability(texts, lang).items() if k in READABILITY_KEYS})
     if cfg.pipeline.general_test > 0:
-        general = GeneralTask(num_test=cfg.pipeline.general_test).test_problems()
+        general = general_task(cfg).test_problems()
         out["general_pass1"] = evaluate_problems(engine, tok, general, out_dir=ctx.dir / "eval_general", **common).pass1
     return out
 
@@ -471,7 +472,7 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
 
 @register_stage("base", keys=("model", "pretrain", "pipeline.corpus_zh_frac", "pipeline.corpus_mix_frac",
                               "pipeline.corpus_general_frac", "eval",
-                              "pipeline.lang", "pipeline.general_test"))
+                              "pipeline.lang", "pipeline.general_test", "pipeline.general_digits"))
 def stage_base(ctx: StageContext) -> dict[str, Any]:
     """Stage 0: the base model (pretrained here unless model.path names one)."""
     if ctx.cfg.model.path:
@@ -484,7 +485,7 @@ def stage_base(ctx: StageContext) -> dict[str, Any]:
     return {"model": ctx.rel(model), "pretrain": info, "eval": evaluate_model(ctx, model)}
 
 
-@register_stage("zero", parents=("base",), keys=("grpo", "eval", "pipeline.lang", "pipeline.general_test"))
+@register_stage("zero", parents=("base",), keys=("grpo", "eval", "pipeline.lang", "pipeline.general_test", "pipeline.general_digits"))
 def stage_zero(ctx: StageContext) -> dict[str, Any]:
     """R1-Zero from the base model with rule rewards only: r1kit.recipes.zero.run_zero, in this folder.
     (A config may add the "language" reward to grpo.reward_weights for the R1-Zero + language ablation.)"""
@@ -500,7 +501,7 @@ def stage_zero(ctx: StageContext) -> dict[str, Any]:
             "eval": evaluate_model(ctx, ctx.dir / "final")}
 
 
-@register_stage("cold_sft", parents=("base",), keys=("sft", "eval", "pipeline.lang", "pipeline.general_test", *SFT_GATE_KEYS),
+@register_stage("cold_sft", parents=("base",), keys=("sft", "eval", "pipeline.lang", "pipeline.general_test", "pipeline.general_digits", *SFT_GATE_KEYS),
                 explicit=lambda c: {"base": c.sft.init})
 def stage_cold_sft(ctx: StageContext) -> dict[str, Any]:
     """Stage 1: SFT of the base model on cold-start chains of thought written by the reference solvers."""
@@ -522,7 +523,7 @@ def _rl_weights(cfg: RunConfig, language: bool, reward_model: bool = False) -> d
 
 
 @register_stage("reason_rl", parents=("cold_sft",), keys=("grpo", "eval", "pipeline.lang", "pipeline.language_weight",
-                                                          "pipeline.general_test"))
+                                                          "pipeline.general_test", "pipeline.general_digits"))
 def stage_reason_rl(ctx: StageContext) -> dict[str, Any]:
     """Stage 2: reasoning RL with accuracy + format + language consistency (paper: summed)."""
     import r1kit.rewards.language  # noqa: F401  registers the "language" reward
@@ -531,22 +532,22 @@ def stage_reason_rl(ctx: StageContext) -> dict[str, Any]:
     return rl_stage(ctx, ctx.model("cold_sft"), RLTask(reasoning_task(cfg), cfg.pipeline.lang), _rl_weights(cfg, True))
 
 
-@register_stage("reason_rl_nolang", parents=("cold_sft",), keys=("grpo", "eval", "pipeline.lang", "pipeline.general_test"))
+@register_stage("reason_rl_nolang", parents=("cold_sft",), keys=("grpo", "eval", "pipeline.lang", "pipeline.general_test", "pipeline.general_digits"))
 def stage_reason_rl_nolang(ctx: StageContext) -> dict[str, Any]:
     """Ablation of stage 2: the same RL without the language reward (same seed: a paired comparison)."""
     cfg = ctx.cfg
     return rl_stage(ctx, ctx.model("cold_sft"), RLTask(reasoning_task(cfg), cfg.pipeline.lang), _rl_weights(cfg, False))
 
 
-@register_stage("sample", parents=("reason_rl",), keys=("sample", "pipeline.lang"), explicit=lambda c: {"reason_rl": c.sample.model})
+@register_stage("sample", parents=("reason_rl",), keys=("sample", "pipeline.lang", "pipeline.general_digits"), explicit=lambda c: {"reason_rl": c.sample.model})
 def stage_sample(ctx: StageContext) -> dict[str, Any]:
     """Stage 3a: rejection sampling from the reasoning-RL model, plus non-reasoning examples."""
-    from r1kit.recipes.sampling import GeneralTask
+    from r1kit.recipes.sampling import general_task
 
     cfg = ctx.cfg
     rng = random.Random(ctx.seed)
     problems = reasoning_task(cfg).train_problems(cfg.sample.num_prompts, rng)
-    general = GeneralTask().train_problems(cfg.sample.num_prompts, rng) if cfg.sample.general_frac > 0 else []
+    general = general_task(cfg).train_problems(cfg.sample.num_prompts, rng) if cfg.sample.general_frac > 0 else []
     return sample_data(ctx, ctx.model("reason_rl"), problems, general, "Rejection sampling from the reasoning-RL model")
 
 
@@ -559,7 +560,7 @@ def sample_data(ctx: StageContext, model_dir: Path, problems: list[Problem], gen
     return {"data": ctx.rel(ctx.dir / "data.jsonl"), "source_model": ctx.rel(model_dir), "stats": stats}
 
 
-@register_stage("sft", parents=("base", "sample"), keys=("sft", "eval", "pipeline.lang", "pipeline.general_test", *SFT_GATE_KEYS),
+@register_stage("sft", parents=("base", "sample"), keys=("sft", "eval", "pipeline.lang", "pipeline.general_test", "pipeline.general_digits", *SFT_GATE_KEYS),
                 explicit=lambda c: {"base": c.sft.init, "sample": c.sft.data})
 def stage_sft(ctx: StageContext) -> dict[str, Any]:
     """Stage 3b: SFT of the *base* model on the rejection-sampled data (paper: retrain from the base)."""

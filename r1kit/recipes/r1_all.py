@@ -11,7 +11,7 @@ from r1kit.io import atomic_write_json
 from r1kit.recipes.r1 import RLTask, StageContext, _rl_weights, reasoning_task, register_stage, rl_stage, write_jsonl
 
 
-@register_stage("rm", parents=("sft",), keys=("rm", "task.template"),
+@register_stage("rm", parents=("sft",), keys=("rm", "task.template", "pipeline.general_digits"),
                 explicit=lambda c: {"sft": c.rm.init, "preference data": c.rm.data})
 def stage_rm(ctx: StageContext) -> dict[str, Any]:
     """Stage 4a: a Bradley-Terry reward model for general prompts, from the SFT model's backbone (as
@@ -19,7 +19,7 @@ def stage_rm(ctx: StageContext) -> dict[str, Any]:
     and a reward model from it stayed at chance on one-digit-wrong answers, r1_observations.md §7)."""
     from r1kit.model import load_tokenizer
     from r1kit.policy import Policy
-    from r1kit.recipes.sampling import GeneralTask, policy_pairs, preference_records
+    from r1kit.recipes.sampling import general_task, policy_pairs, preference_records
     from r1kit.trainers.reward_model import build_reward_model, read_preference_pairs, train_reward_model
 
     cfg, policy_stats = ctx.cfg, None
@@ -30,10 +30,10 @@ def stage_rm(ctx: StageContext) -> dict[str, Any]:
         data = ctx.dir / "prefs.jsonl"
         if not data.exists():
             rng = random.Random(ctx.seed)
-            records = preference_records(GeneralTask().train_problems(cfg.rm.pairs, rng), cfg.task.template, rng,
+            records = preference_records(general_task(cfg).train_problems(cfg.rm.pairs, rng), cfg.task.template, rng,
                                          cfg.rm.kind_weights)
             if cfg.rm.policy_prompts > 0:
-                own, policy_stats = policy_pairs(ctx.model("sft"), GeneralTask().train_problems(cfg.rm.policy_prompts, rng),
+                own, policy_stats = policy_pairs(ctx.model("sft"), general_task(cfg).train_problems(cfg.rm.policy_prompts, rng),
                                                  cfg, seed=ctx.seed)
                 records += own
                 rng.shuffle(records)  # the validation split (the last val_frac) gets both sources
@@ -57,10 +57,10 @@ def stage_rl_all(ctx: StageContext) -> dict[str, Any]:
     """Stage 4b: RL for all scenarios: rules (accuracy, format, language) on reasoning prompts, the
     reward model on general prompts (it scores only those: meta["scenario"] == "general")."""
     import r1kit.rewards.language  # noqa: F401  registers the "language" reward
-    from r1kit.recipes.sampling import GeneralTask
+    from r1kit.recipes.sampling import general_task
     from r1kit.rewards.reward_model import register_reward_model
 
     cfg = ctx.cfg
     register_reward_model(ctx.model("rm"), "reward_model", scenarios=("general",), template=cfg.task.template)
-    task = RLTask(reasoning_task(cfg), cfg.pipeline.lang, GeneralTask(), cfg.pipeline.general_frac)
+    task = RLTask(reasoning_task(cfg), cfg.pipeline.lang, general_task(cfg), cfg.pipeline.general_frac)
     return rl_stage(ctx, ctx.model("sft"), task, _rl_weights(cfg, True, reward_model=True))

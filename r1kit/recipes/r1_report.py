@@ -58,12 +58,12 @@ def results_table(records: dict[str, dict[str, Any]], cfg: RunConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def general_rm_score(stage_dir: Path, rm_dir: Path, *, template: str, general_test: int) -> dict[str, float]:
+def general_rm_score(stage_dir: Path, rm_dir: Path, cfg) -> dict[str, float]:
     """The reward model's mean score (sigmoid, as stage 4's RL sees it) on a finished stage's held-out
     general samples (stage_dir/eval_general/samples.jsonl), overall and split by whether the sample is
     exactly right: the first says whether RL raised the score, the split whether the reward model tells
     the policy's right answers from its wrong ones. {} when the stage has no general samples."""
-    from r1kit.recipes.sampling import GeneralTask
+    from r1kit.recipes.sampling import general_task
     from r1kit.rewards.reward_model import RewardModelScorer
     from r1kit.templates import render_prompt
 
@@ -71,7 +71,8 @@ def general_rm_score(stage_dir: Path, rm_dir: Path, *, template: str, general_te
     if not samples.exists():
         return {}
     recs = [json.loads(line) for line in samples.read_text(encoding="utf-8").splitlines() if line.strip()]
-    questions = {p.id: p.question for p in GeneralTask(num_test=general_test).test_problems()}
+    template = cfg.task.template
+    questions = {p.id: p.question for p in general_task(cfg).test_problems()}
     scores = RewardModelScorer(rm_dir, template=template).score([render_prompt(questions[r["problem_id"]], template) for r in recs],
                                                                  [r["completion"] for r in recs])
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731

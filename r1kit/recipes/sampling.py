@@ -244,7 +244,20 @@ class GeneralTask:
         return list(self._test)
 
 
-def general_docs(n: int, template: str, rng: random.Random) -> list:
+def general_task(cfg, num_test: int | None = None) -> GeneralTask:
+    """The run's general prompts: numbers of `pipeline.general_digits` digits; `num_test` held-out prompts
+    (default pipeline.general_test). The held-out prompts of a smaller `num_test` are the first ones of a larger."""
+    digits, n = cfg.pipeline.general_digits, cfg.pipeline.general_test if num_test is None else num_test
+    if (not isinstance(digits, (list, tuple)) or len(digits) != 2 or not all(isinstance(d, int) for d in digits)
+            or not 1 <= digits[0] <= digits[1] <= 9):
+        raise R1KitError(f"pipeline.general_digits must be [min, max] with 1 <= min <= max <= 9, got {digits!r}")
+    if 10 ** digits[1] - 10 ** (digits[0] - 1) < 4 * n:
+        raise R1KitError(f"pipeline.general_digits={digits!r} has too few numbers for {n} held-out general prompts "
+                         "(pipeline.general_test) and training prompts apart from them")
+    return GeneralTask(min_digits=digits[0], max_digits=digits[1], num_test=n)
+
+
+def general_docs(n: int, template: str, rng: random.Random, task: GeneralTask | None = None) -> list:
     """`n` pretraining documents of style "general" (r1kit.corpus.CorpusDoc): a "Repeat N" training prompt
     answered directly, as the SFT data answers general prompts (never a held-out general prompt); the R1
     pipeline's `pipeline.corpus_general_frac`."""
@@ -253,7 +266,7 @@ def general_docs(n: int, template: str, rng: random.Random) -> list:
     if n < 0:
         raise R1KitError(f"pipeline.corpus_general_frac gives {n} general documents; it must be >= 0")
     return [CorpusDoc(render_prompt(p.question, template), general_completion(p), "general")
-            for p in GeneralTask().train_problems(n, rng)]
+            for p in (task or GeneralTask()).train_problems(n, rng)]
 
 
 def general_completion(problem: Problem) -> str:

@@ -33,6 +33,7 @@ from r1kit.tasks.base import distinct_train_problems
 from r1kit.types import R1KitError
 
 ATTEMPT_STRIDE = 7907  # attempt k of stage 0 seeds its corpus, initialisation and batch order with seed + 7907 k
+REASONED_MIN_CHARS = 16  # a chain of thought this long reasons ("easy." or an empty one does not)
 EVAL_KEYS = ("pass1", "cons", "format_rate", "no_answer_rate", "reflection_rate", "mean_length")
 
 
@@ -69,7 +70,7 @@ def pretrain_base(cfg: RunConfig, out: Path, task, *, model_cfg=None, steps: int
     (gate_action "extend") or pretrained again on a new corpus draw, from a new initialisation, in a new batch
     order ("restart"), within pretrain.max_steps in all; the best attempt is kept. Deterministic from the config.
     Returns the record also written to out/pretrain.json."""
-    from r1kit.trainers.pretrain import pretrain
+    from r1kit.trainers.pretrain import gate_margin, pretrain
 
     setup_torch(cfg)
     t0 = time.time()
@@ -81,9 +82,9 @@ def pretrain_base(cfg: RunConfig, out: Path, task, *, model_cfg=None, steps: int
                             zh_frac=zh_frac, mix_frac=mix_frac)
         if not general_frac:
             return docs
-        from r1kit.recipes.sampling import general_docs
+        from r1kit.recipes.sampling import general_docs, general_task
 
-        return docs + general_docs(round(p.corpus_docs * general_frac), cfg.task.template, rng)
+        return docs + general_docs(round(p.corpus_docs * general_frac), cfg.task.template, rng, general_task(cfg))
 
     docs = corpus(0)
     tokenizer = tokenizer or train_tokenizer((d.prompt + d.completion for d in docs[:5000]), cfg.model.vocab_size)
@@ -111,16 +112,21 @@ def pretrain_base(cfg: RunConfig, out: Path, task, *, model_cfg=None, steps: int
                          "styles": {s: sum(d.style == s for d in docs)
                                     for s in ("direct", "worked", "reflect") + (("general",) if general_frac else ())},
                          "gate_pass1": gate[-1]["gate_pass1"] if gate else None, "log": log, "gate": gate})
-        if best is None or (gate and gate[-1]["gate_pass1"] > best[0]["gate_pass1"]):
-            best = (attempts[-1], {n: t.detach().clone() for n, t in model.state_dict().items()})
         passed = bool(gate) and gate[-1]["passed"]
+        # the best attempt: one that passed, else the one closest to the gate (the highest sampled pass@1
+        # without pretrain.gate_reasoned_pass1; with it, the smaller ratio to the two thresholds)
+        rank = (passed, gate_margin(p, gate[-1])) if gate else (False, 0.0)
+        if best is None or rank > best[2]:
+            best = (attempts[-1], {n: t.detach().clone() for n, t in model.state_dict().items()}, rank)
         if not restart or passed or used + p.steps > p.max_steps:
             break
         if dist.is_main():
-            tqdm.write(f"stage 0 attempt {k}: sampled pass@1 {gate[-1]['gate_pass1']:.3f} is below the readiness gate "
-                       f"{p.gate_pass1}; starting attempt {k + 1} with a new corpus draw, initialisation and batch order",
-                       file=sys.stderr)
-    kept, state = best
+            why = (f"sampled pass@1 {gate[-1]['gate_pass1']:.3f}" if gate[-1]["gate_pass1"] < p.gate_pass1 else
+                   f"pass@1 {gate[-1]['reasoned_pass1']:.3f} of the samples that reason")
+            gate_of = p.gate_pass1 if gate[-1]["gate_pass1"] < p.gate_pass1 else p.gate_reasoned_pass1
+            tqdm.write(f"stage 0 attempt {k}: {why} is below the readiness gate {gate_of}; starting attempt {k + 1} "
+                       "with a new corpus draw, initialisation and batch order", file=sys.stderr)
+    kept, state, _ = best
     model.load_state_dict(state)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_disable()  # a training setting, not part of the saved model
@@ -131,9 +137,12 @@ def pretrain_base(cfg: RunConfig, out: Path, task, *, model_cfg=None, steps: int
         checks = [r for a in attempts for r in a["gate"]]
         info["gate"] = {"threshold": p.gate_pass1, "passed": any(r["passed"] for r in checks), "checks": checks,
                         "kept_attempt": kept["attempt"]}
+        if p.gate_reasoned_pass1 > 0:
+            info["gate"]["reasoned_threshold"] = p.gate_reasoned_pass1
         if not info["gate"]["passed"]:
             last = f"best {kept['gate_pass1']:.3f}" if checks else "never checked"
-            warnings.warn(f"stage 0: the base model did not reach pass@1 {p.gate_pass1} within pretrain.max_steps="
+            also = f" (and {p.gate_reasoned_pass1} on the samples that reason)" if p.gate_reasoned_pass1 > 0 else ""
+            warnings.warn(f"stage 0: the base model did not reach pass@1 {p.gate_pass1}{also} within pretrain.max_steps="
                           f"{p.max_steps} ({last}, kept); RL may get little reward signal. Raise "
                           f"pretrain.max_steps or pretrain.steps.", stacklevel=2)
     if dist.is_main():
@@ -146,21 +155,39 @@ def pretrain_base(cfg: RunConfig, out: Path, task, *, model_cfg=None, steps: int
 
 def readiness_check(cfg: RunConfig, tokenizer, task):
     """Stage 0's gate: pass@1 of the policy on fresh training problems (never held-out ones), sampled as
-    GRPO will sample them (template, rollout temperature and top-p, max new tokens), 4 samples each."""
+    GRPO will sample them (template, rollout temperature and top-p, max new tokens), 4 samples each; with
+    pretrain.gate_reasoned_pass1 > 0 also the pass@1 of the samples that reason (`reasoned_accuracy`)."""
     from r1kit.evaluation import evaluate_problems
 
     # distinct: a small train split (code_synth) repeats problems in a draw, and each is scored once
     problems = distinct_train_problems(task, cfg.pretrain.gate_problems, random.Random(cfg.seed + 104729))
     g = cfg.grpo
 
-    def check(policy: Policy) -> float:
+    def check(policy: Policy) -> float | dict[str, float]:
         policy.module.eval()
         engine = policy.make_engine(backend=cfg.engine.backend, dtype=cfg.engine.dtype)
-        return evaluate_problems(engine, tokenizer, problems, k=4, temperature=g.temperature, top_p=g.top_p,
-                                 max_new_tokens=g.max_new_tokens, template=cfg.task.template, seed=cfg.seed + 1,
-                                 by=()).pass1
+        s = evaluate_problems(engine, tokenizer, problems, k=4, temperature=g.temperature, top_p=g.top_p,
+                              max_new_tokens=g.max_new_tokens, template=cfg.task.template, seed=cfg.seed + 1, by=())
+        if cfg.pretrain.gate_reasoned_pass1 <= 0:
+            return s.pass1
+        n, acc = reasoned_accuracy(s.records)
+        return {"gate_pass1": s.pass1, "reasoned_pass1": acc, "reasoned": n}
 
     return check
+
+
+def reasons(completion: str) -> bool:
+    """Whether a completion writes a chain of thought: at least REASONED_MIN_CHARS non-space characters
+    between <think> and </think> (or the end, when it never closes)."""
+    _, opened, rest = completion.partition("<think>")
+    thought = rest.partition("</think>")[0] if opened else ""
+    return len("".join(thought.split())) >= REASONED_MIN_CHARS
+
+
+def reasoned_accuracy(records) -> tuple[int, float]:
+    """(number of the samples that reason, the share of them that is correct; 0.0 when there are none)."""
+    kept = [r.correct for r in records if reasons(r.completion)]
+    return len(kept), (sum(kept) / len(kept) if kept else 0.0)
 
 
 def heldout_evaluator(cfg: RunConfig, tokenizer, task):

@@ -109,6 +109,7 @@ def validate(cfg: PretrainConfig) -> None:
     checks = [("steps", cfg.steps > 0, "a positive integer"), ("batch_size", cfg.batch_size > 0, "a positive integer"),
               ("lr", cfg.lr > 0, "positive"), ("bucket_pool", cfg.bucket_pool >= 1, "at least 1 (1 = no length bucketing)"), ("warmup_steps", cfg.warmup_steps >= 1, "at least 1"),
               ("gate_pass1", 0 <= cfg.gate_pass1 <= 1, "in [0, 1] (0 = no readiness gate)"),
+              ("gate_reasoned_pass1", 0 <= cfg.gate_reasoned_pass1 <= 1, "in [0, 1] (0 = off)"),
               ("gate_problems", cfg.gate_problems > 0, "a positive integer"),
               ("gate_action", cfg.gate_action in ("restart", "extend"), "'restart' or 'extend'"),
               ("extend_steps", cfg.extend_steps > 0, "a positive integer"),
@@ -119,10 +120,31 @@ def validate(cfg: PretrainConfig) -> None:
             raise R1KitError(f"pretrain.{name} = {getattr(cfg, name)!r}: expected {expected}")
 
 
+def gate_passed(cfg: PretrainConfig, result: dict) -> bool:
+    """Whether a readiness check's result passes the gate: pass@1, and with gate_reasoned_pass1 > 0 the
+    pass@1 of the samples that reason (none of them: not passed)."""
+    if result["gate_pass1"] < cfg.gate_pass1:
+        return False
+    if cfg.gate_reasoned_pass1 > 0:
+        if "reasoned_pass1" not in result:
+            raise R1KitError("pretrain.gate_reasoned_pass1 > 0 needs a readiness check that reports reasoned_pass1")
+        return result["reasoned_pass1"] >= cfg.gate_reasoned_pass1
+    return True
+
+
+def gate_margin(cfg: PretrainConfig, result: dict) -> float:
+    """How close a failed check came to the gate (>= 1 for a pass): the smaller of its ratios to the thresholds."""
+    ratios = [result["gate_pass1"] / cfg.gate_pass1]
+    if cfg.gate_reasoned_pass1 > 0:
+        ratios.append(result.get("reasoned_pass1", 0.0) / cfg.gate_reasoned_pass1)
+    return min(ratios)
+
+
 def pretrain(policy: Policy, docs: list[CorpusDoc], cfg: PretrainConfig, seed: int,
-             show_progress: bool = True, check: Callable[[Policy], float] | None = None) -> list[dict]:
+             show_progress: bool = True, check: Callable[[Policy], float | dict] | None = None) -> list[dict]:
     """Train the policy's model in place; returns one metrics record per 50 steps plus one per readiness check
-    ({"step", "gate_pass1", "passed"}). `check` (policy -> pass@1) is called when cfg.gate_pass1 > 0."""
+    ({"step", "gate_pass1", "passed"}, and the check's other fields). `check` is called when cfg.gate_pass1 > 0:
+    policy -> pass@1, or a dict with "gate_pass1" (and "reasoned_pass1" for cfg.gate_reasoned_pass1 > 0)."""
     validate(cfg)
     if cfg.batch_size < dist.world():
         raise R1KitError(f"pretrain.batch_size={cfg.batch_size} must be at least the number of ranks ({dist.world()})")
@@ -153,13 +175,16 @@ def pretrain(policy: Policy, docs: list[CorpusDoc], cfg: PretrainConfig, seed: i
         if step == sched.total:  # the end of a cycle
             if not gated:
                 break
-            score = dist.broadcast_object(check(policy) if dist.is_main() else None)  # every rank decides alike
+            result = dist.broadcast_object(check(policy) if dist.is_main() else None)  # every rank decides alike
             model.train()
-            passed = score >= cfg.gate_pass1
-            log.append({"step": step, "gate_pass1": score, "passed": passed, "time": time.time() - t0})
+            result = result if isinstance(result, dict) else {"gate_pass1": float(result)}
+            score, passed = result["gate_pass1"], gate_passed(cfg, result)
+            log.append({"step": step, **result, "passed": passed, "time": time.time() - t0})
             extend = not passed and sched.can_extend()
             if dist.is_main():
-                tqdm.write(f"stage 0 readiness check after {step} steps: sampled pass@1 {score:.3f} "
+                reasoned = (f", {result['reasoned_pass1']:.3f} on {result['reasoned']} samples that reason (gate "
+                            f"{cfg.gate_reasoned_pass1})") if cfg.gate_reasoned_pass1 > 0 else ""
+                tqdm.write(f"stage 0 readiness check after {step} steps: sampled pass@1 {score:.3f}{reasoned} "
                            f"({'passed' if passed else 'below'} {cfg.gate_pass1}"
                            f"{'; training another cycle' if extend else ''})", file=sys.stderr)
             if not extend:
