@@ -190,6 +190,11 @@ def write_results(runs: list[dict], seeds: list[int]) -> None:
     for e in extras:
         total = sum(e["seconds"].values()) + e["zerolang_seconds"]
         md.append(f"- seed {e['seed']}: {total / 60:.1f} min of stages in all (" + ", ".join(f"{k} {v:.0f}s" for k, v in e["seconds"].items()) + f", R1-Zero+language {e['zerolang_seconds']:.0f}s).")
+        if g := (e["gate_checks"] or {}).get("base"):
+            md.append("  stage-0 readiness checks: " + "; ".join(
+                f"attempt {c['attempt']}: pass@1 {c['gate_pass1']:.3f}" + (f", {c['reasoned_pass1']:.3f} on the {c['reasoned']} "
+                                                                         "samples that reason" if "reasoned_pass1" in c else "")
+                + (" (passed)" if c["passed"] else "") for c in g["checks"]) + f"; attempt {g['kept_attempt']} kept.")
         rs, dt, rm = e["rejection_sampling"], e["distill_traces"], e["reward_model"]
         if rs:
             md.append(f"  rejection sampling: kept {rs['kept']}/{rs['samples']} ({rs['kept_rate']:.1%}); rejected "

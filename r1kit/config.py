@@ -92,7 +92,8 @@ class PretrainConfig:
     # to 14.5% in two more cycles; on a fresh attempt its second base scored 44%, and RL took it to 100%.
     gate_pass1: float = 0.0
     # A second condition of the same check (0 = off): pass@1 among the samples that reason (a chain of thought
-    # of at least 16 characters, r1kit.recipes.zero.REASONED_MIN_CHARS) must reach this too. r1-tiny's seed-1 base
+    # of at least 16 characters, r1kit.recipes.zero.REASONED_MIN_CHARS), 8 per problem at the evaluation's
+    # temperature and top-p (the model's systematic errors, not sampling noise), must reach this. r1-tiny's seed-1 base
     # passed the pass@1 gate (0.109) on its direct answers while its worked solutions restated the question
     # wrongly 73% of the time (right on 0.27 of them, against 0.99 and 0.62 on seeds 0 and 2), and every later
     # stage inherited the miscopy (benchmarks/results/r1_observations.md section 8).
