@@ -182,10 +182,11 @@ def pretrain(policy: Policy, docs: list[CorpusDoc], cfg: PretrainConfig, seed: i
             log.append({"step": step, **result, "passed": passed, "time": time.time() - t0})
             extend = not passed and sched.can_extend()
             if dist.is_main():
-                reasoned = (f", {result['reasoned_pass1']:.3f} on {result['reasoned']} samples that reason (gate "
-                            f"{cfg.gate_reasoned_pass1})") if cfg.gate_reasoned_pass1 > 0 else ""
+                on = cfg.gate_reasoned_pass1 > 0
+                reasoned = f", {result['reasoned_pass1']:.3f} of the {result['reasoned']} samples that reason" if on else ""
                 tqdm.write(f"stage 0 readiness check after {step} steps: sampled pass@1 {score:.3f}{reasoned} "
                            f"({'passed' if passed else 'below'} {cfg.gate_pass1}"
+                           f"{f' and {cfg.gate_reasoned_pass1}' if on else ''}"
                            f"{'; training another cycle' if extend else ''})", file=sys.stderr)
             if not extend:
                 break
