@@ -44,12 +44,13 @@ def run(args: list[str]) -> None:
     print(f"  {' '.join(args[:2])}: {time.time() - t0:.0f}s", flush=True)
 
 
-def run_seed(seed: int, out: Path, overrides: list[str]) -> dict[str, dict]:
+def run_seed(seed: int, out: Path, overrides: list[str], report_only: bool = False) -> dict[str, dict]:
     main, ablation = f"r1-tiny-s{seed}", f"r1-tiny-s{seed}-zerolang"
-    run([f"seed={seed}", f"name={main}", f"output_dir={out}", *overrides])
     base = out / main / "base" / "model"
-    run([f"seed={seed}", f"name={ablation}", f"output_dir={out}", f"model.path={base}", "pipeline.stages=[base, zero]",
-         "pipeline.overrides.zero.grpo.reward_weights={accuracy: 1.0, format: 0.1, language: 1.0}", *overrides])
+    if not report_only:
+        run([f"seed={seed}", f"name={main}", f"output_dir={out}", *overrides])
+        run([f"seed={seed}", f"name={ablation}", f"output_dir={out}", f"model.path={base}", "pipeline.stages=[base, zero]",
+             "pipeline.overrides.zero.grpo.reward_weights={accuracy: 1.0, format: 0.1, language: 1.0}", *overrides])
     recs = {"base": {}, "zerolang": {}}
     for key, name in (("base", main), ("zerolang", ablation)):
         for f in (out / name).glob("*/done.json"):
@@ -249,13 +250,15 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--out", default="runs/r1")
     ap.add_argument("--jobs", type=int, default=1, help="seeds run at once (then threads=1 per process unless given)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="write the report from the stages finished so far, running nothing")
     ap.add_argument("overrides", nargs="*")
     ns = ap.parse_args()
     out = (ROOT / ns.out).resolve()
     if ns.jobs > 1 and not any(o.startswith("threads=") for o in ns.overrides):
         ns.overrides = ["threads=1", *ns.overrides]  # seeds side by side: one thread each, not oversubscribed
     with ThreadPoolExecutor(max_workers=max(1, ns.jobs)) as pool:
-        runs = list(pool.map(lambda s: run_seed(s, out, ns.overrides), ns.seeds))
+        runs = list(pool.map(lambda s: run_seed(s, out, ns.overrides, ns.report_only), ns.seeds))
     write_results(runs, ns.seeds)
 
 
