@@ -30,6 +30,7 @@ from r1kit.model import build_tiny_model, save_model, train_tokenizer
 from r1kit.policy import Policy
 from r1kit.tasks import make_task
 from r1kit.tasks.base import distinct_train_problems
+from r1kit.templates import THINK_OPEN, parse_completion
 from r1kit.types import R1KitError
 
 ATTEMPT_STRIDE = 7907  # attempt k of stage 0 seeds its corpus, initialisation and batch order with seed + 7907 k
@@ -121,9 +122,9 @@ def pretrain_base(cfg: RunConfig, out: Path, task, *, model_cfg=None, steps: int
         if not restart or passed or used + p.steps > p.max_steps:
             break
         if dist.is_main():
-            why = (f"sampled pass@1 {gate[-1]['gate_pass1']:.3f}" if gate[-1]["gate_pass1"] < p.gate_pass1 else
-                   f"pass@1 {gate[-1]['reasoned_pass1']:.3f} of the samples that reason")
-            gate_of = p.gate_pass1 if gate[-1]["gate_pass1"] < p.gate_pass1 else p.gate_reasoned_pass1
+            why, gate_of = ((f"sampled pass@1 {gate[-1]['gate_pass1']:.3f}", p.gate_pass1)
+                            if gate[-1]["gate_pass1"] < p.gate_pass1 else
+                            (f"pass@1 {gate[-1]['reasoned_pass1']:.3f} of the samples that reason", p.gate_reasoned_pass1))
             tqdm.write(f"stage 0 attempt {k}: {why} is below the readiness gate {gate_of}; starting attempt {k + 1} "
                        "with a new corpus draw, initialisation and batch order", file=sys.stderr)
     kept, state, _ = best
@@ -184,9 +185,10 @@ def readiness_check(cfg: RunConfig, tokenizer, task):
 
 def reasons(completion: str) -> bool:
     """Whether a completion writes a chain of thought: at least REASONED_MIN_CHARS non-space characters
-    between <think> and </think> (or the end, when it never closes)."""
-    _, opened, rest = completion.partition("<think>")
-    thought = rest.partition("</think>")[0] if opened else ""
+    between <think> and </think> (or the end, when it never closes: a runaway chain counts, and is wrong)."""
+    thought = parse_completion(completion).think
+    if thought is None:
+        thought = completion.partition(THINK_OPEN)[2]
     return len("".join(thought.split())) >= REASONED_MIN_CHARS
 
 
